@@ -1,0 +1,150 @@
+"""Settings as dataclasses, with a validated JSON round trip.
+
+`VQVAEConfig` describes the network (what a checkpoint needs to be rebuilt); `TrainConfig` describes one training
+run. Both are written into the run folder as JSON, so a run is self-describing, and read back with every key and
+value checked: a hand-edited or tampered config gives a `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from brainvq.atomic import atomic_write_bytes
+from brainvq.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """The VQ-VAE network: 256x256 slice -> (256/downsample)^2 grid of codes -> 256x256 slice."""
+
+    image_size: int = 256
+    downsample: int = 4  # 4 -> 64x64 code grid, 8 -> 32x32 (README: "Choosing the down-sampling factor")
+    channels: int = 128
+    residual_blocks: int = 2
+    residual_channels: int = 32  # bottleneck width inside each residual block
+    codebook_size: int = 32
+    code_dim: int = 128
+    beta: float = 0.25  # commitment weight
+    ema: bool = True  # codebook learnt by exponential moving averages instead of gradients
+    ema_decay: float = 0.99
+    restart_after_steps: int = 20  # a code unused for this many training steps is re-seeded from encoder outputs
+
+    def validate(self) -> None:
+        _require(self.downsample in (2, 4, 8, 16), "downsample", "must be 2, 4, 8 or 16")
+        _require(self.image_size > 0 and self.image_size % self.downsample == 0, "image_size",
+                 "must be a positive multiple of downsample")
+        for name in ("channels", "residual_channels", "codebook_size", "code_dim"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        _require(self.channels % 2 == 0, "channels", "must be even")
+        _require(self.residual_blocks >= 0, "residual_blocks", "must be >= 0")
+        _require(self.codebook_size <= 256, "codebook_size", "must be <= 256 (code grids are stored as uint8)")
+        _require(self.beta >= 0, "beta", "must be >= 0")
+        _require(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
+        _require(self.restart_after_steps >= 0, "restart_after_steps", "must be >= 0 (0 disables restarts)")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the square code grid."""
+        return self.image_size // self.downsample
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. `max_minutes` bounds wall time (checked between steps, validation included)."""
+
+    epochs: int = 40
+    max_steps: int | None = None
+    max_minutes: float | None = 14.0
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    precision: str = "bf16"  # "bf16" autocast (+ channels_last) or "fp32"
+    device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
+    seed: int = 0
+    val_images: int = 256  # validation subset per epoch (evenly spaced over the split)
+    data_dir: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
+
+    def validate(self) -> None:
+        _require(self.epochs >= 1, "epochs", "must be >= 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
+        _require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.precision in ("bf16", "fp32"), "precision", "must be 'bf16' or 'fp32'")
+        _require(self.device in ("auto", "cpu", "cuda"), "device", "must be 'auto', 'cpu' or 'cuda'")
+        _require(self.val_images >= 1, "val_images", "must be >= 1")
+
+
+def _require(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key} {problem}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[T], values: Any, *, source: str | Path = "config") -> T:
+    """Build and validate `cls` from a plain dict; unknown keys and wrongly typed values are refused."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"expected a JSON object for {cls.__name__}", source)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} for {cls.__name__}", source)
+    for key, value in values.items():
+        if not _has_type(value, hints[key]):
+            raise ConfigError(f"{key} = {value!r} is not of type {hints[key]}", source)
+    config = cls(**values)
+    try:
+        config.validate()
+    except ConfigError as error:
+        raise ConfigError(error.problem, source) from None
+    return config
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """A JSON value against a dataclass field's type: int is accepted for float, bool is never an int."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def save_json(path: Path, values: dict[str, Any]) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    atomic_write_bytes(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError("file does not exist", path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"not valid JSON ({error})", path) from None
+    if not isinstance(values, dict):
+        raise ConfigError("expected a JSON object", path)
+    return values

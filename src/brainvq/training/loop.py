@@ -1,0 +1,198 @@
+"""One training loop for every model: precision, progress, metrics.jsonl, checkpoints and exact resume.
+
+A model plugs in through a `TrainingTask` (training/vqvae.py for the VQ-VAE): what one step computes, what to
+measure over an epoch, how to validate. The loop owns everything else:
+
+- randomness is re-seeded at the start of every epoch from (seed, epoch), so a run resumed from the checkpoint
+  of epoch k draws exactly the batches and restarts that an uninterrupted run draws from epoch k+1 on;
+- after every epoch it validates, then writes `checkpoints/last.safetensors` (model, optimizer, and the whole
+  metrics history in the header) in one atomic rename, `checkpoints/best.safetensors` when the selection metric
+  improved, and rewrites `metrics.jsonl` from that history, so each finished epoch is in it exactly once;
+- `max_steps` and `max_minutes` (total across resumes, validation included) end training early; the epoch in
+  flight is then validated and saved as a partial epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from brainvq.atomic import atomic_write_bytes
+from brainvq.checkpoint import (
+    load_checkpoint,
+    load_module_state,
+    module_tensors,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
+from brainvq.config import TrainConfig
+from brainvq.errors import CheckpointError, ConfigError
+from brainvq.runtime import autocast, seed_everything
+
+LAST_CHECKPOINT = "checkpoints/last.safetensors"
+BEST_CHECKPOINT = "checkpoints/best.safetensors"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingTask(Protocol):
+    model: nn.Module
+    selection_metric: str  # a key of validate()'s result; higher is better
+
+    def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Forward pass of one batch (under autocast); must return at least {"loss": scalar}."""
+
+    def start_epoch(self) -> None:
+        """Reset whatever `epoch_metrics` accumulates."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Figures accumulated over the epoch's training steps (e.g. codebook usage)."""
+
+    def validate(self) -> dict[str, float]:
+        """Validation figures; must contain `selection_metric`."""
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainConfig, device: torch.device,
+          *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Train `task.model` (already on `device`) and return the metrics history, one dict per epoch."""
+    run_dir = Path(run_dir)
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history: list[dict[str, Any]] = []
+    step, seconds_so_far = 0, 0.0
+    if resume:
+        history, step, seconds_so_far = _resume(task.model, optimizer, run_dir / LAST_CHECKPOINT)
+        _write_metrics(run_dir, history)
+    best = max((record["val"][task.selection_metric] for record in history), default=-math.inf)
+    first_epoch = history[-1]["epoch"] + 1 if history else 1
+    started = time.monotonic() - seconds_so_far
+    budget = math.inf if config.max_minutes is None else config.max_minutes * 60
+    validation_seconds = 0.0
+
+    for epoch in range(first_epoch, config.epochs + 1):
+        seed_everything(epoch_seed(config.seed, epoch))
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch)),
+                            pin_memory=task_device(task).type == "cuda")
+        if len(loader) == 0:
+            raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
+                              f"({len(train_set)} images)")
+        task.model.train()
+        task.start_epoch()
+        sums: dict[str, float] = {}
+        steps_this_epoch, stop_reason = 0, None
+        epoch_started = time.monotonic()
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False,
+                   file=sys.stderr, dynamic_ncols=True)
+        for batch in bar:
+            if config.max_steps is not None and step >= config.max_steps:
+                stop_reason = "max_steps"
+                break
+            if time.monotonic() - started + validation_seconds >= budget:
+                stop_reason = "max_minutes"
+                break
+            _set_learning_rate(optimizer, config, step)
+            with autocast(task_device(task), config.precision):
+                terms = task.training_step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            step += 1
+            steps_this_epoch += 1
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            bar.set_postfix(loss=f"{sums['loss'] / steps_this_epoch:.4f}", refresh=False)
+        bar.close()
+        train_seconds = time.monotonic() - epoch_started
+        if steps_this_epoch == 0:
+            break  # the budget ran out exactly at an epoch boundary: nothing new to validate or save
+
+        validation_started = time.monotonic()
+        task.model.eval()
+        validation = task.validate()
+        validation_seconds = time.monotonic() - validation_started
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "train": {name: total / steps_this_epoch for name, total in sums.items()} | task.epoch_metrics(),
+            "val": validation,
+            "images_per_second": steps_this_epoch * config.batch_size / train_seconds,
+            "epoch_seconds": time.monotonic() - epoch_started,
+            "elapsed_seconds": time.monotonic() - started,
+            "lr": optimizer.param_groups[0]["lr"],
+            "partial": stop_reason is not None,
+        }
+        history.append(record)
+        improved = validation[task.selection_metric] > best
+        best = max(best, validation[task.selection_metric])
+        _save(run_dir, task.model, optimizer, history, step, improved)
+        if progress:
+            print(_summary_line(record, task.selection_metric), file=sys.stderr)
+        if stop_reason is not None:
+            break
+    return history
+
+
+def task_device(task: TrainingTask) -> torch.device:
+    return next(task.model.parameters()).device
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> None:
+    """Linear warm-up over `warmup_steps`, then constant (a time budget gives no known end to decay to)."""
+    scale = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * scale
+
+
+def _save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict[str, Any]],
+          step: int, improved: bool) -> None:
+    record = history[-1]
+    weights = module_tensors(model, "model.")
+    if improved:
+        save_checkpoint(run_dir / BEST_CHECKPOINT, weights, {"epoch": record["epoch"], "step": step,
+                                                              "val": record["val"]})
+    optim_tensors, optim_state = optimizer_tensors(optimizer)
+    save_checkpoint(run_dir / LAST_CHECKPOINT, weights | optim_tensors,
+                    {"epoch": record["epoch"], "step": step, "history": history, "optimizer": optim_state,
+                     "elapsed_seconds": record["elapsed_seconds"]})
+    _write_metrics(run_dir, history)
+
+
+def _resume(model: nn.Module, optimizer: torch.optim.Optimizer,
+            path: Path) -> tuple[list[dict[str, Any]], int, float]:
+    """Load the last checkpoint into model and optimizer: (history, global step, training seconds so far)."""
+    if not path.is_file():
+        raise CheckpointError("nothing to resume: no checkpoint yet (start without --resume)", path)
+    tensors, metadata = load_checkpoint(path)
+    try:
+        history, step, elapsed = metadata["history"], int(metadata["step"]), float(metadata["elapsed_seconds"])
+        optimizer_state = metadata["optimizer"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError("checkpoint header lacks the training state (history, step, optimizer)",
+                              path) from None
+    load_module_state(model, tensors, prefix="model.", source=path)
+    restore_optimizer(optimizer, tensors, optimizer_state, source=path)
+    return history, step, elapsed
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in history)
+    atomic_write_bytes(run_dir / METRICS_FILE, lines.encode())
+
+
+def _summary_line(record: dict[str, Any], selection_metric: str) -> str:
+    return (f"epoch {record['epoch']}: loss {record['train']['loss']:.4f}  "
+            f"{selection_metric} {record['val'][selection_metric]:.4f}  "
+            f"{record['images_per_second']:.1f} img/s  {record['elapsed_seconds'] / 60:.1f} min")

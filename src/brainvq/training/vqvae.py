@@ -1,0 +1,44 @@
+"""The VQ-VAE as a `TrainingTask`: one step is reconstruction + codebook + commitment loss on a batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from brainvq.models.quantizer import CodeUsage
+from brainvq.models.vqvae import VQVAE
+from brainvq.reconstruction import measure_reconstructions
+from brainvq.runtime import prepare_images
+
+
+class VQVAETask:
+    selection_metric = "ssim"
+
+    def __init__(self, model: VQVAE, validation_set: Dataset, *, precision: str, val_images: int = 256) -> None:
+        self.model = model
+        self.precision = precision
+        # An evenly spaced subset covers every case and slice position at a fixed, small cost per epoch.
+        count = min(val_images, len(validation_set))
+        self.validation_set = Subset(validation_set, np.linspace(0, len(validation_set) - 1, count).astype(int))
+        self.usage = CodeUsage(model.config.codebook_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def start_epoch(self) -> None:
+        self.usage = CodeUsage(self.model.config.codebook_size)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = prepare_images(batch[0], self.device, self.precision)
+        output = self.model(images)
+        self.usage.update(output.indices)
+        return self.model.loss(images, output)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {"codebook_used": self.usage.used, "perplexity": self.usage.perplexity}
+
+    def validate(self) -> dict[str, float]:
+        return measure_reconstructions(self.model, self.validation_set, device=self.device,
+                                       precision=self.precision)
