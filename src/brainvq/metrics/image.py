@@ -188,7 +188,7 @@ class ImageMetrics:
             "ssim": _mean(self._ssim_sum, self._n_images),
             "ssim_brain": _mean(self._brain_ssim_sum, self._n_brain_images),
             "psnr": _mean(self._psnr_sum, self._n_images),
-            "n_images": float(self._n_images),
+            "n_images": self._n_images,
         }
 
 

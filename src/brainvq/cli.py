@@ -1,0 +1,212 @@
+"""The `brainvq` command: parse arguments, call `brainvq.api`, turn the project's errors into one line.
+
+Every user mistake the project detects is a `BrainVQError`: it is printed as `brainvq: error: <file>: <problem>`
+and the exit code is 1 (argparse's own usage errors exit with 2). Nothing here computes anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from brainvq import __version__
+from brainvq.errors import BrainVQError
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, not {text}")
+    return value
+
+
+def minutes(text: str) -> float:
+    """--max-minutes: a positive number, or 0 for no time limit."""
+    return 0.0 if text.strip() in ("0", "0.0") else positive_float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brainvq", description=(
+        "Learn a VQ-VAE + autoregressive prior of brain MRI slices and make new ones."))
+    parser.add_argument("--version", action="version", version=f"brainvq {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="make, convert and check slice data sets (OASIS layout)")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    demo = data_commands.add_parser("demo", help="write the embedded MNI152 pseudo-cohort in the OASIS layout")
+    demo.add_argument("--out", type=Path, required=True, help="new folder to write (must not exist or be empty)")
+    demo.add_argument("--train-cases", type=positive_int, default=None, help="cases in the train split")
+    demo.add_argument("--val-cases", type=positive_int, default=None, help="cases in the validate split")
+    demo.add_argument("--test-cases", type=positive_int, default=None, help="cases in the test split")
+    demo.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    demo.set_defaults(handler=run_data_demo)
+
+    volumes = data_commands.add_parser("from-volumes", help="slice NIfTI/Analyze volumes into the OASIS layout")
+    volumes.add_argument("source", type=Path, help="a volume file or a folder searched for .nii/.nii.gz/.hdr")
+    volumes.add_argument("--out", type=Path, required=True, help="new folder to write")
+    volumes.add_argument("--seed", type=int, default=0, help="seed of the subject -> split assignment")
+    volumes.set_defaults(handler=run_data_from_volumes)
+
+    check = data_commands.add_parser("check", help="check a data folder: counts, splits, sizes, modes")
+    check.add_argument("data_dir", type=Path, help="folder holding keras_png_slices_{train,validate,test}")
+    check.add_argument("--manifest", type=Path, default=None,
+                       help="verify every file's size and sha256 against this manifest TSV")
+    check.set_defaults(handler=run_data_check)
+
+    training = commands.add_parser("train-vqvae", help="train the VQ-VAE (bf16 + channels_last on CPU)")
+    training.add_argument("--data", type=Path, help="data folder (OASIS layout); not needed with --resume")
+    training.add_argument("--out", type=Path, required=True, help="run folder to create (or resume)")
+    training.add_argument("--epochs", type=positive_int, help="epochs (default 40)")
+    training.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    training.add_argument("--max-minutes", type=minutes,
+                          help="stop after this many minutes of training in total (default 14; 0: no limit)")
+    training.add_argument("--batch-size", type=positive_int, help="images per step (default 16)")
+    training.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
+    training.add_argument("--precision", choices=("bf16", "fp32"), help="bf16 autocast (default) or fp32")
+    training.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when present")
+    training.add_argument("--seed", type=int, help="random seed (default 0)")
+    training.add_argument("--downsample", type=int, choices=(4, 8), default=None,
+                          help="4: 64x64 code grid (default), 8: 32x32")
+    training.add_argument("--codebook-size", type=positive_int, help="number of codes (default 32)")
+    training.add_argument("--code-dim", type=positive_int, help="dimension of each code (default 128)")
+    training.add_argument("--no-ema", action="store_true", help="learn the codebook by gradients, not EMA")
+    training.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    training.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch line")
+    training.set_defaults(handler=run_train_vqvae)
+
+    evaluation = commands.add_parser("evaluate", help="SSIM, PSNR and codebook usage of a run on a split")
+    _add_run_arguments(evaluation)
+    evaluation.set_defaults(handler=run_evaluate)
+
+    reconstruction = commands.add_parser("reconstruct", help="write each reconstruction of a split as a PNG")
+    _add_run_arguments(reconstruction)
+    reconstruction.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
+    reconstruction.set_defaults(handler=run_reconstruct)
+    demo_run = commands.add_parser("demo", help="the whole job on the embedded default data, end to end")
+    demo_run.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    demo_run.add_argument("--minutes", type=positive_float, default=14.0,
+                          help="VQ-VAE training budget in minutes (default 14)")
+    demo_run.add_argument("--seed", type=int, default=0)
+    demo_run.set_defaults(handler=run_demo)
+    return parser
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, help="run folder written by train-vqvae")
+    parser.add_argument("--data", type=Path, required=True, help="data folder (OASIS layout)")
+    parser.add_argument("--split", choices=("train", "validate", "test"), default="test", help="default test")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                        help="default: the precision the run was trained with")
+
+
+def run_data_demo(args: argparse.Namespace) -> None:
+    from brainvq import api
+
+    sizes = {"train_cases": args.train_cases, "val_cases": args.val_cases, "test_cases": args.test_cases}
+    summary = api.make_demo_data(args.out, seed=args.seed, progress=True,
+                                 **{name: value for name, value in sizes.items() if value is not None})
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def run_data_from_volumes(args: argparse.Namespace) -> None:
+    from brainvq.data.volumes import volumes_to_layout
+
+    print(json.dumps(volumes_to_layout(args.source, args.out, seed=args.seed, progress=True), indent=2,
+                     default=str))
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    from brainvq.data.check import check_data
+
+    report = check_data(args.data_dir, manifest=args.manifest)
+    for line in report.summaries:
+        print(line)
+    for line in report.problems:
+        print(f"brainvq: problem: {line}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "lr", "precision", "device", "seed")
+
+
+def run_train_vqvae(args: argparse.Namespace) -> None:
+    from brainvq import api
+    from brainvq.config import TrainConfig, VQVAEConfig
+    from brainvq.run import read_run_config
+
+    given = {name: getattr(args, name) for name in TRAIN_OPTION_NAMES if getattr(args, name) is not None}
+    if given.get("max_minutes") == 0.0:
+        given["max_minutes"] = None
+    if args.resume:
+        data_dir = args.data or Path(read_run_config(args.out)[1].data_dir)
+        api.train_vqvae(data_dir, args.out, resume=True, resume_overrides=given, progress=not args.quiet)
+        return
+    if args.data is None:
+        raise_usage("train-vqvae: --data is required unless --resume is given")
+    model_options = {"downsample": args.downsample, "codebook_size": args.codebook_size, "code_dim": args.code_dim}
+    model_config = VQVAEConfig(ema=not args.no_ema,
+                               **{name: value for name, value in model_options.items() if value is not None})
+    api.train_vqvae(args.data, args.out, model_config=model_config, train_config=TrainConfig(**given),
+                    progress=not args.quiet)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from brainvq import api
+
+    results = api.evaluate(args.run, args.data, split=args.split, device=args.device, precision=args.precision)
+    print(json.dumps(results, indent=2))
+
+
+def run_reconstruct(args: argparse.Namespace) -> None:
+    from brainvq import api
+
+    count = api.reconstruct(args.run, args.data, args.out, split=args.split, device=args.device,
+                            precision=args.precision)
+    print(f"wrote {count} reconstructions to {args.out}")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from brainvq import api
+
+    results = api.demo(args.out, minutes=args.minutes, seed=args.seed)
+    print(json.dumps(results, indent=2))
+    print(f"run folder: {args.out} (config.json, metrics.jsonl, checkpoints/, eval_test.json, recon_test.png)")
+
+
+def raise_usage(message: str) -> None:
+    build_parser().error(message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], Any] = args.handler
+    try:
+        return int(handler(args) or 0)
+    except BrainVQError as error:
+        print(f"brainvq: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("brainvq: interrupted", file=sys.stderr)
+        return 130

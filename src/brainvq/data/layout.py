@@ -1,0 +1,259 @@
+"""The on-disk layout of a slice data set: file names, split folders, case splits, the OASIS manifest.
+
+The OASIS "keras_png_slices" layout is::
+
+    DIR/keras_png_slices_{train,validate,test}/case_NNN_slice_S.nii.png
+
+with 256x256 8-bit grayscale PNGs, 32 axial slices per case (S = 0..31, not zero padded) and whole cases per
+split. Any other folder of ``<case>_slice_<S>.<png|jpg|...>`` images is accepted too; its cases are then
+assigned to splits here, deterministically, by :func:`split_cases`.
+
+Everything that reads or writes these files goes through this module, so the naming rules live in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from brainvq.errors import ConfigError, DataError
+
+SPLITS = ("train", "validate", "test")
+IMAGE_SIZE = 256
+SLICES_PER_CASE = 32
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+
+# (slices, cases) of each split of the full public OASIS keras_png_slices set.
+OASIS_COUNTS = {"train": (9664, 302), "validate": (1120, 35), "test": (544, 17)}
+# path, bytes and sha256 of every image (not segmentation) file of that set, relative to its top folder.
+OASIS_MANIFEST = Path(__file__).with_name("oasis_manifest.tsv.gz")
+
+_MANIFEST_HEADER = ["path", "bytes", "sha256"]
+_SLICE_NAME = re.compile(r"(?P<case>.+)_slice_(?P<index>\d+)(?:\.nii)?\.(?:png|jpe?g|tiff?|bmp)", re.IGNORECASE)
+# What Pillow raises for a file that is not a decodable image: truncated and zero-byte files give OSError
+# (UnidentifiedImageError is one), some broken PNG chunks give SyntaxError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+
+
+class SliceName(NamedTuple):
+    """What a slice file's name says: its case id (``"007"`` for ``case_007_slice_12.nii.png``) and index."""
+
+    case_id: str
+    slice_index: int
+
+
+def split_folder(data_dir: str | Path, split: str) -> Path:
+    """The folder holding one split of an OASIS-layout data set: ``data_dir/keras_png_slices_<split>``."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return Path(data_dir) / f"keras_png_slices_{split}"
+
+
+def slice_file_name(case_number: int, slice_index: int) -> str:
+    """The OASIS file name of a slice, e.g. ``slice_file_name(7, 12) == "case_007_slice_12.nii.png"``."""
+    return f"case_{case_number:03d}_slice_{slice_index}.nii.png"
+
+
+def parse_slice_name(path_or_name: str | Path) -> SliceName:
+    """Read the case and slice index from a file name ``<prefix>_slice_<S>[.nii].<image suffix>``.
+
+    The case id is the prefix, without a leading ``case_``: OASIS ``case_007_slice_3.nii.png`` gives
+    ``SliceName("007", 3)``, a generic ``sub-12_slice_3.png`` gives ``SliceName("sub-12", 3)``.
+    """
+    name = Path(path_or_name).name
+    match = _SLICE_NAME.fullmatch(name)
+    if match is None:
+        problem = "cannot parse case and slice index from the file name; expected <case>_slice_<S>.png"
+        raise DataError(problem, path_or_name)
+    case_id = match["case"].removeprefix("case_")
+    return SliceName(case_id, int(match["index"]))
+
+
+def case_sort_key(case_id: str) -> tuple[str | int, ...]:
+    """Sort key ordering case ids naturally: ``"sub-2"`` before ``"sub-10"``."""
+    # re.split with a capturing group alternates text and digit runs, always starting with text, so keys of
+    # different case ids compare position by position without mixing str and int.
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", case_id)))
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name.
+
+    Hidden files (``.DS_Store``, ``._case_001...``) and files whose suffix is not in :data:`IMAGE_SUFFIXES`
+    (``README.txt``, ``cases.tsv``) are ignored, so notes and OS clutter next to the slices do no harm.
+    Subfolders are not searched.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError("folder does not exist" if not folder.exists() else "not a folder", folder)
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_SUFFIXES and entry.is_file()
+    )
+
+
+def list_slices(folder: str | Path) -> list[Path]:
+    """The slice images of a folder (see :func:`image_files`), sorted by case and then slice index.
+
+    Raises DataError if the folder is missing, holds no slice images, or holds an image whose name does not
+    follow ``<case>_slice_<S>``.
+    """
+    files = image_files(folder)
+    if not files:
+        raise DataError("no slice images (expected <case>_slice_<S>.png files)", folder)
+    return sorted(files, key=_slice_sort_key)
+
+
+def _slice_sort_key(path: Path) -> tuple[tuple[str | int, ...], int]:
+    """Sort key ordering slice files by case (naturally) and then numerically by slice index."""
+    name = parse_slice_name(path)
+    return case_sort_key(name.case_id), name.slice_index
+
+
+def find_splits(data_dir: str | Path) -> dict[str, Path]:
+    """The OASIS split folders of ``data_dir`` by split name, or ``{}`` if it has none of them.
+
+    ``{}`` means ``data_dir`` may be a generic folder of slice images (see :func:`split_files`). Raises
+    DataError naming the first missing folder when only some of the three exist.
+    """
+    folders = {split: split_folder(data_dir, split) for split in SPLITS}
+    if not any(folder.exists() for folder in folders.values()):
+        return {}
+    for folder in folders.values():
+        if not folder.is_dir():
+            raise DataError("split folder does not exist", folder)
+    return folders
+
+
+def split_files(data_dir: str | Path, split: str, *, seed: int = 0) -> list[Path]:
+    """The slice files of one split, sorted by case and slice index.
+
+    With OASIS split folders these are the slices of ``keras_png_slices_<split>``. Otherwise ``data_dir`` must
+    itself hold slice images, and its cases are split by :func:`split_cases` with ``seed``.
+    """
+    split_folder(data_dir, split)  # validates the split name before anything is read
+    folders = find_splits(data_dir)
+    if folders:
+        return list_slices(folders[split])
+    if not image_files(data_dir):
+        raise DataError(
+            "no keras_png_slices_{train,validate,test} folders and no <case>_slice_<S>.png images", data_dir
+        )
+    return group_by_split(list_slices(data_dir), seed=seed)[split]
+
+
+def group_by_split(slices: Iterable[Path], *, seed: int = 0) -> dict[str, list[Path]]:
+    """Group the slice files of a generic folder by split, whole cases per split (see :func:`split_cases`)."""
+    slices = list(slices)
+    cases = split_cases({parse_slice_name(path).case_id for path in slices}, seed=seed)
+    return {split: [path for path in slices if parse_slice_name(path).case_id in cases[split]] for split in SPLITS}
+
+
+def split_cases(
+    case_ids: Iterable[str], seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> dict[str, set[str]]:
+    """Assign whole cases to the train/validate/test splits, deterministically.
+
+    Cases are ordered by a SHA-256 hash of ``seed`` and the case id (stable across runs and machines, unlike
+    Python's ``hash``), and the splits take consecutive runs of that order, sized by ``fractions`` rounded to
+    whole cases. With 3 or more cases every split gets at least one; with fewer, later splits may be empty.
+    """
+    if len(fractions) != len(SPLITS) or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
+        raise ConfigError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    order = sorted(set(case_ids), key=lambda case: hashlib.sha256(f"{seed}:{case}".encode()).hexdigest())
+    counts = [round(len(order) * fraction) for fraction in fractions[1:]]
+    if len(order) >= len(SPLITS):
+        counts = [max(count, 1) for count in counts]
+    counts.insert(0, len(order) - sum(counts))
+    bounds = np.cumsum([0, *counts])
+    return {split: set(order[bounds[i] : bounds[i + 1]]) for i, split in enumerate(SPLITS)}
+
+
+def load_manifest(path: str | Path = OASIS_MANIFEST) -> dict[str, tuple[int, str]]:
+    """Read a manifest TSV (``path<TAB>bytes<TAB>sha256`` with that header; gzip-compressed if ``*.gz``).
+
+    Returns ``{relative path: (size in bytes, sha256 hex digest)}``, paths relative to the data folder.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as lines:
+            header = next(lines, "").rstrip("\n").split("\t")
+            if header != _MANIFEST_HEADER:
+                raise DataError(f"not a manifest: the header must be {' '.join(_MANIFEST_HEADER)}", path)
+            manifest = {}
+            for line_number, line in enumerate(lines, start=2):
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) != len(_MANIFEST_HEADER) or not fields[1].isdigit():
+                    raise DataError(f"line {line_number} is not path<TAB>bytes<TAB>sha256", path)
+                manifest[fields[0]] = (int(fields[1]), fields[2])
+    except (OSError, UnicodeDecodeError, EOFError) as error:
+        raise DataError(f"cannot read the manifest ({error})", path) from error
+    return manifest
+
+
+def read_image(path: Path) -> Image.Image:
+    """Open and fully decode an image file, raising DataError (naming it) if it is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes the pixels now, so a truncated file fails here and not later
+            return image
+    except _DECODE_ERRORS as error:
+        raise DataError(f"cannot decode the image ({error})", path) from error
+
+
+def size_problem(image: Image.Image) -> str | None:
+    """What is wrong with an image's size for this layout (``"image is 128x256, expected 256x256"``), if anything."""
+    if image.size == (IMAGE_SIZE, IMAGE_SIZE):
+        return None
+    return f"image is {image.width}x{image.height}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
+
+
+def write_case(folder: Path, case_number: int, slices: np.ndarray) -> None:
+    """Write one case's slices (uint8 [n_slices, H, W]) as ``case_NNN_slice_S.nii.png`` in ``folder``."""
+    for slice_index, image in enumerate(slices):
+        path = folder / slice_file_name(case_number, slice_index)
+        try:
+            Image.fromarray(image).save(path)  # uint8 [H, W] gives mode L
+        except OSError as error:
+            raise DataError(f"cannot write the slice ({error})", path) from error
+
+
+@contextlib.contextmanager
+def staged_layout(out_dir: str | Path) -> Iterator[Path]:
+    """Build a new OASIS-layout folder out of sight and move it to ``out_dir`` only once it is complete.
+
+    Yields a temporary folder next to ``out_dir`` (same file system, so the final rename is atomic) that
+    already holds the three empty split folders. If the block raises, or the run is killed, no partial
+    ``out_dir`` is left behind. Refuses an ``out_dir`` that already holds files.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DataError("output folder already exists and is not empty", out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except OSError as error:
+        raise DataError(f"cannot create the output folder ({error})", out_dir) from error
+    try:
+        for split in SPLITS:
+            split_folder(staging, split).mkdir()
+        yield staging
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, as checked above; renaming onto a folder fails on some platforms
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,97 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from brainvq.cli import build_parser, main
+
+TRAIN_FAST = ["--batch-size", "8", "--quiet", "--max-minutes", "0"]
+
+
+def subcommand_paths(parser, prefix=()):
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for name, child in action.choices.items():
+            yield (*prefix, name)
+            yield from subcommand_paths(child, (*prefix, name))
+
+
+def test_help_works_for_the_program_and_every_subcommand(capsys):
+    paths = list(subcommand_paths(build_parser()))
+    assert {("data", "demo"), ("data", "check"), ("data", "from-volumes"), ("train-vqvae",), ("evaluate",),
+            ("reconstruct",), ("demo",)} <= set(paths)
+    for path in [(), *paths]:
+        with pytest.raises(SystemExit) as exited:
+            main([*path, "--help"])
+        assert exited.value.code == 0
+        assert "usage: brainvq" in capsys.readouterr().out
+
+
+def test_train_evaluate_reconstruct_end_to_end(tiny_cohort, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["data", "check", str(tiny_cohort)]) == 0
+    assert main(["train-vqvae", "--data", str(tiny_cohort), "--out", str(run), "--epochs", "2", *TRAIN_FAST]) == 0
+    assert {"config.json", "metrics.jsonl", "checkpoints"} <= {p.name for p in run.iterdir()}
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", str(tiny_cohort)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((run / "eval_test.json").read_text())
+    assert printed == saved
+    assert {"ssim", "ssim_brain", "psnr", "codebook_used", "perplexity", "n_images"} <= set(saved)
+    assert saved["n_images"] == 32 and 0 < saved["ssim"] <= 1 and 1 <= saved["codebook_used"] <= 32
+    assert (run / "recon_test.png").stat().st_size > 0
+
+    out = tmp_path / "recon"
+    assert main(["reconstruct", str(run), "--data", str(tiny_cohort), "--out", str(out)]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    originals = sorted(p.name for p in (tiny_cohort / "keras_png_slices_test").iterdir())
+    assert written == originals
+
+
+def test_user_mistakes_get_one_line_and_a_non_zero_exit(tiny_cohort, tmp_path, capsys):
+    missing = tmp_path / "no such data"
+    assert main(["train-vqvae", "--data", str(missing), "--out", str(tmp_path / "r"), *TRAIN_FAST]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("brainvq: error: ") and str(missing) in error and error.count("\n") == 1
+    assert not (tmp_path / "r").exists()  # nothing half-made
+
+    assert main(["evaluate", str(tmp_path), "--data", str(tiny_cohort)]) == 1
+    assert "config.json" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train-vqvae", "--data", str(tiny_cohort), "--out", str(tmp_path / "r"), "--epochs", "-1"])
+    assert exited.value.code == 2
+
+
+def test_a_new_run_refuses_to_overwrite_an_existing_one(tiny_cohort, tmp_path, capsys):
+    run = tmp_path / "run"
+    arguments = ["train-vqvae", "--data", str(tiny_cohort), "--out", str(run), "--max-steps", "1", *TRAIN_FAST]
+    assert main(arguments) == 0
+    before = (run / "checkpoints" / "last.safetensors").read_bytes()
+    assert main(arguments) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.safetensors").read_bytes() == before
+
+
+def test_kill_during_training_then_resume_finishes_every_epoch_exactly_once(tiny_cohort, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "brainvq", "train-vqvae", "--data", str(tiny_cohort), "--out", str(run),
+               "--epochs", "3", *TRAIN_FAST]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before its first epoch"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert epochs == [1, 2, 3]
