@@ -9,25 +9,42 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Subset
 
-from brainvq.config import TrainConfig, VQVAEConfig, save_json
+from brainvq.codes import CodeGrids, code_grids
+from brainvq.config import TrainConfig, VQVAEConfig, load_json, save_json
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.data.demo import make_demo_cohort
 from brainvq.errors import ConfigError
 from brainvq.images import save_grid, save_png, to_uint8
+from brainvq.metrics.samples import c2st_auc, mean_pairwise_ms_ssim, nearest_ssim
+from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.reconstruction import measure_reconstructions, reconstruct_batches
-from brainvq.run import CONFIG_FILE, load_vqvae, read_run_config, resumed_train_config, write_run_config
+from brainvq.report import write_report
+from brainvq.run import (
+    CONFIG_FILE,
+    PRIOR_FOLDER,
+    load_prior,
+    load_vqvae,
+    read_run_config,
+    resumed_train_config,
+    write_run_config,
+)
 from brainvq.runtime import prepare_module, resolve_device, seed_everything
+from brainvq.sampling import draw_uniforms, sample_fast, sample_naive
 from brainvq.training.loop import train
+from brainvq.training.prior import PriorTask, code_dataset, nll_bits_per_code
 from brainvq.training.vqvae import VQVAETask
 
 RECON_GRID_IMAGES = 8
+SLICE_POSITIONS = 32  # OASIS: 32 axial slices per case
 
 
 def make_demo_data(out_dir: str | Path, **cohort_options: Any) -> dict[str, Any]:
@@ -106,19 +123,167 @@ def reconstruct(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
     return count
 
 
-def demo(run_dir: str | Path = "runs/demo", *, minutes: float = 14.0, seed: int = 0,
-         progress: bool = True) -> dict[str, Any]:
-    """The main job on the embedded default: demo cohort -> VQ-VAE (`minutes` of training) -> test evaluation.
+def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
+                prior_config: PixelCNNConfig | None = None, train_config: TrainConfig | None = None,
+                resume: bool = False, resume_overrides: dict[str, Any] | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """Train the PixelCNN prior on the code grids of the run's VQ-VAE (RUN/prior); returns the validation and
+    test negative log-likelihoods in bits per code, also written to RUN/prior/eval_prior.json."""
+    run_dir = Path(run_dir)
+    prior_dir = run_dir / PRIOR_FOLDER
+    vqvae_config, vqvae_train = read_run_config(run_dir)
+    data_dir = Path(data_dir or vqvae_train.data_dir)
+    if resume:
+        prior_config, saved = read_run_config(prior_dir, PixelCNNConfig)
+        train_config = resumed_train_config(saved, resume_overrides or {}, prior_dir)
+    else:
+        if (prior_dir / CONFIG_FILE).exists():
+            raise ConfigError("already holds a trained prior; pass --resume to continue it", prior_dir)
+        prior_config = prior_config or PixelCNNConfig(codebook_size=vqvae_config.codebook_size)
+        if prior_config.codebook_size != vqvae_config.codebook_size:
+            raise ConfigError(f"prior codebook_size {prior_config.codebook_size} differs from the VQ-VAE's "
+                              f"{vqvae_config.codebook_size}", run_dir / CONFIG_FILE)
+        train_config = dataclasses.replace(train_config or TrainConfig(), data_dir=str(data_dir.resolve()))
+        prior_config.validate()
+        train_config.validate()
+    device = resolve_device(train_config.device)
+    grids = _all_code_grids(run_dir, data_dir, device, train_config.precision)
+    seed_everything(train_config.seed)
+    model = GatedPixelCNN(prior_config).to(device)
+    if not resume:
+        write_run_config(prior_dir, prior_config, train_config)
+    task = PriorTask(model, code_dataset(grids["validate"]), precision=train_config.precision)
+    train(task, code_dataset(grids["train"]), prior_dir, train_config, device, resume=resume, progress=progress)
+    best, metadata = load_prior(run_dir)
+    best = best.to(device)
+    results = {f"{split}_nll_bits_per_code": nll_bits_per_code(best, code_dataset(grids[split]),
+                                                                 precision=train_config.precision)
+               for split in ("validate", "test")}
+    results |= {"checkpoint_epoch": metadata["epoch"], "grid_size": vqvae_config.grid_size,
+                "codebook_size": vqvae_config.codebook_size}
+    save_json(prior_dir / "eval_prior.json", results)
+    return results
 
-    The cohort is written to RUN/data. Running it again on the same folder continues where it stopped."""
+
+def _all_code_grids(run_dir: Path, data_dir: Path, device: Any, precision: str) -> dict[str, CodeGrids]:
+    vqvae = prepare_module(load_vqvae(run_dir)[0], device, precision)
+    return {split: code_grids(run_dir, data_dir, split, vqvae, device=device, precision=precision)
+            for split in ("train", "validate", "test")}
+
+
+def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
+             slice_position: int | list[int] | None = None, method: str = "fast",
+             device: str = "auto") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Sample `n` code grids from the run's prior and decode them with its VQ-VAE.
+
+    Slice positions: `slice_position` for every sample, one per sample when a list, or drawn uniformly from
+    0..31 when None.
+    Returns (images float32 [n, 1, S, S] in [0, 1] on the CPU, positions [n], seconds taken)."""
+    samplers = {"fast": sample_fast, "naive": sample_naive}
+    if method not in samplers:
+        raise ConfigError(f"method must be 'fast' or 'naive', not {method!r}")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, not {temperature}")
+    run_dir = Path(run_dir)
+    torch_device = resolve_device(device)
+    vqvae, _ = load_vqvae(run_dir)
+    prior, _ = load_prior(run_dir)
+    if top_k is not None and not 1 <= top_k <= prior.config.codebook_size:
+        raise ConfigError(f"top_k must be in 1..{prior.config.codebook_size}, not {top_k}")
+    generator = torch.Generator().manual_seed(seed)
+    if slice_position is None:
+        positions = torch.randint(0, prior.config.positions, (n,), generator=generator)
+    else:
+        positions = torch.tensor(slice_position).expand(n).clone()
+        bad = positions[(positions < 0) | (positions >= prior.config.positions)]
+        if len(bad):
+            raise ConfigError(f"slice position must be in 0..{prior.config.positions - 1}, not {int(bad[0])}")
+    uniforms = draw_uniforms(n, vqvae.config.grid_size, generator)
+    started = time.perf_counter()
+    codes = samplers[method](prior.to(torch_device), uniforms, positions.to(torch_device), temperature=temperature,
+                             top_k=top_k)
+    images = vqvae.to(torch_device).decode(codes).cpu()
+    return images, positions, time.perf_counter() - started
+
+
+def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """`generate` (same options), then write one PNG per sample and samples_grid.png into `out_dir`."""
+    out_dir = Path(out_dir)
+    images, positions, seconds = generate(run_dir, n, **options)
+    files = [out_dir / f"sample_{index:04d}_slice_{position}.png" for index, position in enumerate(positions.tolist())]
+    pixels = to_uint8(images)
+    for image, file in zip(pixels, files, strict=True):
+        save_png(image, file)
+    save_grid(_rows(pixels, columns=8), out_dir / "samples_grid.png")
+    return {"n": n, "seconds": seconds, "positions": positions.tolist(), "files": [str(file) for file in files]}
+
+
+def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = 64, seed: int = 0,
+                     device: str = "auto") -> dict[str, Any]:
+    """Quality, diversity and novelty of `n` samples against the test and train splits; writes
+    RUN/eval_samples.json and RUN/samples_eval_grid.png and returns the figures."""
+    run_dir = Path(run_dir)
+    data_dir = Path(data_dir or read_run_config(run_dir)[1].data_dir)
+    generated, positions, seconds = generate(run_dir, n, seed=seed, device=device)
+    test, train = load_split(data_dir, "test"), load_split(data_dir, "train")
+    # Real test slices at the same slice positions as the samples, so that the comparison is like for like.
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(test.slice_indices == position)) for position in positions.tolist()]
+    real = torch.from_numpy(test.images[np.sort(chosen)].astype(np.float32) / 255).unsqueeze(1)
+    nearest_generated = nearest_ssim(generated, train.images)
+    nearest_real = nearest_ssim(real, train.images)
+    prior_results = load_json(run_dir / PRIOR_FOLDER / "eval_prior.json")
+    results = {
+        "n_generated": n,
+        "n_real_test": len(real),
+        "c2st_auc": c2st_auc(real, generated, seed=seed)["auc"],
+        "diversity_ms_ssim": mean_pairwise_ms_ssim(generated),
+        "diversity_ms_ssim_real_test": mean_pairwise_ms_ssim(real),
+        "nearest_train_ssim": _summary(nearest_generated),
+        "nearest_train_ssim_real_test": _summary(nearest_real),
+        "prior_nll_bits_per_code": prior_results["test_nll_bits_per_code"],
+        "seconds_per_generated_image": seconds / n,
+    }
+    save_json(run_dir / "eval_samples.json", results)
+    save_grid(_rows(to_uint8(generated[:32]), columns=8), run_dir / "samples_grid.png")
+    by_position, _, _ = generate(run_dir, SLICE_POSITIONS, seed=seed, slice_position=list(range(SLICE_POSITIONS)),
+                                 device=device)
+    save_grid(_rows(to_uint8(by_position), columns=8), run_dir / "samples_by_position.png")
+    return results
+
+
+def _summary(values: torch.Tensor) -> dict[str, float]:
+    return {"mean": float(values.mean()), "median": float(values.median()), "max": float(values.max())}
+
+
+def _rows(images: np.ndarray, columns: int) -> list[np.ndarray]:
+    """Split [N, H, W] into rows of `columns` images, the last row padded with black tiles."""
+    missing = -len(images) % columns
+    padded = np.concatenate([images, np.zeros((missing, *images.shape[1:]), images.dtype)])
+    return list(padded.reshape(-1, columns, *images.shape[1:]))
+
+
+def demo(run_dir: str | Path = "runs/demo", *, minutes: float = 20.0, seed: int = 0,
+         progress: bool = True) -> dict[str, Any]:
+    """The whole mission on the embedded default: demo cohort (RUN/data) -> VQ-VAE -> test evaluation -> prior
+    -> samples and their evaluation -> RUN/report.html. `minutes` of training in all: 60% VQ-VAE, 40% prior.
+
+    Running it again on the same folder continues each step where it stopped (finished steps are kept)."""
     run_dir = Path(run_dir)
     data_dir = run_dir / "data"
     if not data_dir.exists():
         make_demo_data(data_dir, seed=seed, progress=progress)
-    resume = (run_dir / CONFIG_FILE).exists()
-    train_vqvae(data_dir, run_dir, train_config=TrainConfig(seed=seed, max_minutes=minutes), resume=resume,
-                resume_overrides={"max_minutes": minutes}, progress=progress)
-    return evaluate(run_dir, data_dir, split="test")
+    vqvae_minutes, prior_minutes = 0.6 * minutes, 0.4 * minutes
+    train_vqvae(data_dir, run_dir, train_config=TrainConfig(seed=seed, max_minutes=vqvae_minutes),
+                resume=(run_dir / CONFIG_FILE).exists(), resume_overrides={"max_minutes": vqvae_minutes},
+                progress=progress)
+    results = {"reconstruction": evaluate(run_dir, data_dir, split="test")}
+    results["prior"] = train_prior(run_dir, train_config=TrainConfig(seed=seed, max_minutes=prior_minutes),
+                                   resume=(run_dir / PRIOR_FOLDER / CONFIG_FILE).exists(),
+                                   resume_overrides={"max_minutes": prior_minutes}, progress=progress)
+    results["samples"] = evaluate_samples(run_dir, seed=seed)
+    results["report"] = str(write_report(run_dir))
+    return results
 
 
 def _save_reconstruction_grid(model: VQVAE, dataset: SliceDataset, path: Path, device: Any,

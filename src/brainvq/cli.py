@@ -70,29 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = data_commands.add_parser("check", help="check a data folder: counts, splits, sizes, modes")
     check.add_argument("data_dir", type=Path, help="folder holding keras_png_slices_{train,validate,test}")
-    check.add_argument("--manifest", type=Path, default=None,
-                       help="verify every file's size and sha256 against this manifest TSV")
+    check.add_argument("--manifest", default=None, metavar="TSV|oasis",
+                       help="verify every file's size and sha256 against this manifest TSV; 'oasis' uses the "
+                            "manifest of the public OASIS keras_png_slices set that ships with brainvq")
     check.set_defaults(handler=run_data_check)
 
     training = commands.add_parser("train-vqvae", help="train the VQ-VAE (bf16 + channels_last on CPU)")
     training.add_argument("--data", type=Path, help="data folder (OASIS layout); not needed with --resume")
     training.add_argument("--out", type=Path, required=True, help="run folder to create (or resume)")
-    training.add_argument("--epochs", type=positive_int, help="epochs (default 40)")
-    training.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
-    training.add_argument("--max-minutes", type=minutes,
-                          help="stop after this many minutes of training in total (default 14; 0: no limit)")
-    training.add_argument("--batch-size", type=positive_int, help="images per step (default 16)")
-    training.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
-    training.add_argument("--precision", choices=("bf16", "fp32"), help="bf16 autocast (default) or fp32")
-    training.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when present")
-    training.add_argument("--seed", type=int, help="random seed (default 0)")
+    _add_training_arguments(training, epochs_default=40, minutes_default=14)
     training.add_argument("--downsample", type=int, choices=(4, 8), default=None,
                           help="4: 64x64 code grid (default), 8: 32x32")
     training.add_argument("--codebook-size", type=positive_int, help="number of codes (default 32)")
     training.add_argument("--code-dim", type=positive_int, help="dimension of each code (default 128)")
     training.add_argument("--no-ema", action="store_true", help="learn the codebook by gradients, not EMA")
-    training.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    training.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch line")
     training.set_defaults(handler=run_train_vqvae)
 
     evaluation = commands.add_parser("evaluate", help="SSIM, PSNR and codebook usage of a run on a split")
@@ -103,13 +94,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(reconstruction)
     reconstruction.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
     reconstruction.set_defaults(handler=run_reconstruct)
+    prior = commands.add_parser("train-prior", help="train the PixelCNN prior on the VQ-VAE's code grids")
+    prior.add_argument("run", type=Path, help="run folder of a trained VQ-VAE; the prior goes to RUN/prior")
+    prior.add_argument("--data", type=Path, help="data folder (default: the one the VQ-VAE was trained on)")
+    _add_training_arguments(prior, epochs_default=40, minutes_default=8)
+    prior.add_argument("--channels", type=positive_int, help="PixelCNN channels (default 64)")
+    prior.add_argument("--layers", type=positive_int, help="gated layers (default 10)")
+    prior.add_argument("--unconditional", action="store_true", help="do not condition on the slice position")
+    prior.set_defaults(handler=run_train_prior)
+
+    sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder")
+    sampling.add_argument("run", type=Path, help="run folder with a trained VQ-VAE and prior")
+    sampling.add_argument("--n", type=positive_int, default=16, help="number of samples (default 16)")
+    sampling.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature (> 0)")
+    sampling.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codes")
+    sampling.add_argument("--slice", type=non_negative_int, default=None, dest="slice_position", metavar="S",
+                          help="slice position 0..31 for every sample (default: drawn at random)")
+    sampling.add_argument("--method", choices=("fast", "naive"), default="fast",
+                          help="fast (cached, default) or naive (full network per code); same samples")
+    sampling.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sampling.set_defaults(handler=run_sample)
+
+    sample_evaluation = commands.add_parser("evaluate-samples",
+                                            help="quality, diversity and novelty of generated slices")
+    sample_evaluation.add_argument("run", type=Path, help="run folder with a trained VQ-VAE and prior")
+    sample_evaluation.add_argument("--data", type=Path, help="data folder (default: the VQ-VAE's)")
+    sample_evaluation.add_argument("--n", type=positive_int, default=64, help="samples to generate (default 64)")
+    sample_evaluation.add_argument("--seed", type=int, default=0)
+    sample_evaluation.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sample_evaluation.set_defaults(handler=run_evaluate_samples)
+
+    report = commands.add_parser("report", help="write RUN/report.html: curves, pictures and figures")
+    report.add_argument("run", type=Path, help="run folder")
+    report.set_defaults(handler=run_report)
+
     demo_run = commands.add_parser("demo", help="the whole job on the embedded default data, end to end")
     demo_run.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
-    demo_run.add_argument("--minutes", type=positive_float, default=14.0,
-                          help="VQ-VAE training budget in minutes (default 14)")
+    demo_run.add_argument("--minutes", type=positive_float, default=20.0,
+                          help="training budget in minutes, 60%% VQ-VAE and 40%% prior (default 20)")
     demo_run.add_argument("--seed", type=int, default=0)
     demo_run.set_defaults(handler=run_demo)
     return parser
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, *, epochs_default: int, minutes_default: float) -> None:
+    """Options shared by train-vqvae and train-prior; unset ones keep TrainConfig's default (or, on --resume,
+    the run's own value)."""
+    parser.add_argument("--epochs", type=positive_int, help=f"epochs (default {epochs_default})")
+    parser.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    parser.add_argument("--max-minutes", type=minutes, help="stop after this many minutes of training in total "
+                                                              f"(default {minutes_default}; 0: no limit)")
+    parser.add_argument("--batch-size", type=positive_int, help="images per step (default 16)")
+    parser.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), help="bf16 autocast (default) or fp32")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when present")
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its last finished epoch")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch line")
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,18 +180,34 @@ def run_data_from_volumes(args: argparse.Namespace) -> None:
                      default=str))
 
 
+MAX_PROBLEM_LINES = 200  # a wrong --manifest can give thousands; the first ones tell the story
+
+
 def run_data_check(args: argparse.Namespace) -> int:
     from brainvq.data.check import check_data
+    from brainvq.data.layout import OASIS_MANIFEST
 
-    report = check_data(args.data_dir, manifest=args.manifest)
+    manifest = OASIS_MANIFEST if args.manifest == "oasis" else args.manifest
+    report = check_data(args.data_dir, manifest=manifest)
     for line in report.summaries:
         print(line)
-    for line in report.problems:
+    for line in report.problems[:MAX_PROBLEM_LINES]:
         print(f"brainvq: problem: {line}", file=sys.stderr)
+    if len(report.problems) > MAX_PROBLEM_LINES:
+        print(f"brainvq: ... and {len(report.problems) - MAX_PROBLEM_LINES} more problems", file=sys.stderr)
     return 0 if report.ok else 1
 
 
+PRIOR_MINUTES = 8.0  # default training budget of the prior: the demo's whole job fits in 25 CPU minutes
 TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "lr", "precision", "device", "seed")
+
+
+def _given_training_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options the user set on the command line (0 minutes meaning no limit)."""
+    given = {name: getattr(args, name) for name in TRAIN_OPTION_NAMES if getattr(args, name) is not None}
+    if given.get("max_minutes") == 0.0:
+        given["max_minutes"] = None
+    return given
 
 
 def run_train_vqvae(args: argparse.Namespace) -> None:
@@ -156,9 +215,7 @@ def run_train_vqvae(args: argparse.Namespace) -> None:
     from brainvq.config import TrainConfig, VQVAEConfig
     from brainvq.run import read_run_config
 
-    given = {name: getattr(args, name) for name in TRAIN_OPTION_NAMES if getattr(args, name) is not None}
-    if given.get("max_minutes") == 0.0:
-        given["max_minutes"] = None
+    given = _given_training_options(args)
     if args.resume:
         data_dir = args.data or Path(read_run_config(args.out)[1].data_dir)
         api.train_vqvae(data_dir, args.out, resume=True, resume_overrides=given, progress=not args.quiet)
@@ -170,6 +227,36 @@ def run_train_vqvae(args: argparse.Namespace) -> None:
                                **{name: value for name, value in model_options.items() if value is not None})
     api.train_vqvae(args.data, args.out, model_config=model_config, train_config=TrainConfig(**given),
                     progress=not args.quiet)
+
+
+def run_train_prior(args: argparse.Namespace) -> None:
+    from brainvq import api
+    from brainvq.config import TrainConfig
+    from brainvq.models.pixelcnn import PixelCNNConfig
+    from brainvq.run import read_run_config
+
+    given = _given_training_options(args)
+    if args.resume:
+        results = api.train_prior(args.run, data_dir=args.data, resume=True, resume_overrides=given,
+                                  progress=not args.quiet)
+    else:
+        given.setdefault("max_minutes", PRIOR_MINUTES)
+        model_options = {"channels": args.channels, "layers": args.layers}
+        prior_config = PixelCNNConfig(codebook_size=read_run_config(args.run)[0].codebook_size,
+                                      conditional=not args.unconditional,
+                                      **{name: value for name, value in model_options.items() if value is not None})
+        results = api.train_prior(args.run, data_dir=args.data, prior_config=prior_config,
+                                  train_config=TrainConfig(**given), progress=not args.quiet)
+    print(json.dumps(results, indent=2))
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    from brainvq import api
+
+    made = api.sample(args.run, args.n, args.out, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                      slice_position=args.slice_position, method=args.method, device=args.device)
+    print(f"wrote {made['n']} samples and samples_grid.png to {args.out} in {made['seconds']:.1f} s "
+          f"({args.method} sampling)")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -187,12 +274,25 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {count} reconstructions to {args.out}")
 
 
+def run_evaluate_samples(args: argparse.Namespace) -> None:
+    from brainvq import api
+
+    print(json.dumps(api.evaluate_samples(args.run, data_dir=args.data, n=args.n, seed=args.seed,
+                                          device=args.device), indent=2))
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from brainvq.report import write_report
+
+    print(f"wrote {write_report(args.run)}")
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from brainvq import api
 
     results = api.demo(args.out, minutes=args.minutes, seed=args.seed)
     print(json.dumps(results, indent=2))
-    print(f"run folder: {args.out} (config.json, metrics.jsonl, checkpoints/, eval_test.json, recon_test.png)")
+    print(f"open {results['report']} to see the run")
 
 
 def raise_usage(message: str) -> None:

@@ -1,43 +1,51 @@
-"""The run folder: what a training run writes and how a trained model is loaded back from it.
+"""The run folder: what training writes and how trained models are loaded back from it.
 
     RUN/config.json                      {"brainvq_version", "model": VQVAEConfig, "train": TrainConfig}
     RUN/metrics.jsonl                    one JSON line per finished epoch
     RUN/checkpoints/last.safetensors     model + optimizer + history (resume point)
     RUN/checkpoints/best.safetensors     model weights with the best validation SSIM
     RUN/eval_<split>.json, RUN/recon_<split>.png   written by `evaluate`
+    RUN/codes/<split>.npy                code grids of each split (codes.py)
+    RUN/prior/...                        the PixelCNN prior: the same layout with a PixelCNNConfig
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from torch import nn
 
 from brainvq import __version__
 from brainvq.checkpoint import load_checkpoint, load_module_state
 from brainvq.config import TrainConfig, VQVAEConfig, from_dict, load_json, save_json, to_dict
 from brainvq.errors import ConfigError
+from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT
 
 CONFIG_FILE = "config.json"
+PRIOR_FOLDER = "prior"
 
 # Fields that define the optimisation itself: a resumed run must keep them, or it is no longer the same run.
 RECIPE_FIELDS = ("batch_size", "lr", "warmup_steps", "weight_decay", "precision", "seed")
 
+ModelConfig = TypeVar("ModelConfig", VQVAEConfig, PixelCNNConfig)
 
-def write_run_config(run_dir: Path, model_config: VQVAEConfig, train_config: TrainConfig) -> None:
+
+def write_run_config(run_dir: Path, model_config: Any, train_config: TrainConfig) -> None:
     save_json(run_dir / CONFIG_FILE, {"brainvq_version": __version__, "model": to_dict(model_config),
                                       "train": to_dict(train_config)})
 
 
-def read_run_config(run_dir: Path) -> tuple[VQVAEConfig, TrainConfig]:
+def read_run_config(run_dir: Path, model_class: type[ModelConfig] = VQVAEConfig) -> tuple[ModelConfig, TrainConfig]:
     path = Path(run_dir) / CONFIG_FILE
     values = load_json(path)
     missing = {"model", "train"} - set(values)
     if missing:
         raise ConfigError(f"missing section(s) {', '.join(sorted(missing))}", path)
-    return from_dict(VQVAEConfig, values["model"], source=path), from_dict(TrainConfig, values["train"], source=path)
+    return from_dict(model_class, values["model"], source=path), from_dict(TrainConfig, values["train"], source=path)
 
 
 def resumed_train_config(saved: TrainConfig, overrides: dict[str, Any], run_dir: Path) -> TrainConfig:
@@ -51,13 +59,23 @@ def resumed_train_config(saved: TrainConfig, overrides: dict[str, Any], run_dir:
     return config
 
 
-def load_vqvae(run_dir: Path, *, checkpoint: str = "best") -> tuple[VQVAE, dict[str, Any]]:
-    """Rebuild the VQ-VAE of a run from its config.json and load `checkpoint` ("best" or "last") weights.
-
-    Returns (model in eval mode on the CPU, the checkpoint's metadata)."""
-    model_config, _ = read_run_config(run_dir)
+def _load_model(run_dir: Path, model_class: type[nn.Module], config_class: type,
+                checkpoint: str) -> tuple[Any, dict[str, Any]]:
+    model_config, _ = read_run_config(run_dir, config_class)
     path = Path(run_dir) / (BEST_CHECKPOINT if checkpoint == "best" else LAST_CHECKPOINT)
     tensors, metadata = load_checkpoint(path)
-    model = VQVAE(model_config)
+    model = model_class(model_config)
     load_module_state(model, tensors, prefix="model.", source=path)
     return model.eval(), metadata
+
+
+def load_vqvae(run_dir: Path, *, checkpoint: str = "best") -> tuple[VQVAE, dict[str, Any]]:
+    """The VQ-VAE of a run, rebuilt from config.json with its `checkpoint` ("best" or "last") weights.
+
+    Returns (model in eval mode on the CPU, the checkpoint's metadata)."""
+    return _load_model(Path(run_dir), VQVAE, VQVAEConfig, checkpoint)
+
+
+def load_prior(run_dir: Path, *, checkpoint: str = "best") -> tuple[GatedPixelCNN, dict[str, Any]]:
+    """The PixelCNN prior of a run (RUN/prior), like `load_vqvae`."""
+    return _load_model(Path(run_dir) / PRIOR_FOLDER, GatedPixelCNN, PixelCNNConfig, checkpoint)

@@ -73,6 +73,12 @@ def ssim_map(
         window lies fully inside the image (values in [-1, 1], 1 where x and y agree). This is the region
         skimage averages after cropping (window_size - 1) // 2 pixels from each border.
     """
+    luminance, contrast_structure = _ssim_terms(x, y, data_range, window_size, sigma)
+    return luminance * contrast_structure
+
+
+def _ssim_terms(x: Tensor, y: Tensor, data_range: float, window_size: int, sigma: float) -> tuple[Tensor, Tensor]:
+    """SSIM's luminance and contrast-structure maps, each float32 [N, 1, H - window_size + 1, W - window_size + 1]."""
     _check_pair(x, y)
     if window_size % 2 == 0 or min(x.shape[-2:]) < window_size:
         raise ValueError(f"window_size must be odd and fit the image, got {window_size} for {x.shape}")
@@ -88,7 +94,7 @@ def ssim_map(
     c2 = (K2 * data_range) ** 2
     luminance = (2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)
     contrast_structure = (2 * cov_xy + c2) / (var_x + var_y + c2)
-    return luminance * contrast_structure
+    return luminance, contrast_structure
 
 
 def ssim(
@@ -96,6 +102,27 @@ def ssim(
 ) -> Tensor:
     """Mean SSIM of each pair of images [N, 1, H, W] (see ``ssim_map``), as a float32 tensor [N]."""
     return ssim_map(x, y, data_range=data_range, window_size=window_size, sigma=sigma).mean(dim=(1, 2, 3))
+
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+"""Weights of the five scales of multi-scale SSIM (Wang, Simoncelli and Bovik 2003)."""
+
+
+def ms_ssim(x: Tensor, y: Tensor, *, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5) -> Tensor:
+    """Multi-scale SSIM of each pair of images [N, 1, H, W] (H, W >= 16 * window_size), float32 [N].
+
+    Contrast-structure at the four finest scales and luminance * contrast-structure at the coarsest, each
+    clamped at 0 before the weighted geometric mean, halving the images (2x2 average) between scales. Used
+    to measure how alike two generated images are: mean pairwise MS-SSIM is a diversity measure.
+    """
+    factors = []
+    for scale, weight in enumerate(MS_SSIM_WEIGHTS):
+        luminance, contrast_structure = _ssim_terms(x, y, data_range, window_size, sigma)
+        last = scale == len(MS_SSIM_WEIGHTS) - 1
+        term = (luminance * contrast_structure if last else contrast_structure).mean(dim=(1, 2, 3))
+        factors.append(term.clamp_min(0) ** weight)
+        x, y = F.avg_pool2d(x.float(), 2), F.avg_pool2d(y.float(), 2)
+    return torch.stack(factors).prod(dim=0)
 
 
 def masked_ssim(

@@ -46,7 +46,8 @@ METRICS_FILE = "metrics.jsonl"
 
 class TrainingTask(Protocol):
     model: nn.Module
-    selection_metric: str  # a key of validate()'s result; higher is better
+    selection_metric: str  # a key of validate()'s result: the best checkpoint is chosen by it
+    higher_is_better: bool  # True for SSIM, False for a negative log-likelihood
 
     def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
         """Forward pass of one batch (under autocast); must return at least {"loss": scalar}."""
@@ -75,7 +76,8 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
     if resume:
         history, step, seconds_so_far = _resume(task.model, optimizer, run_dir / LAST_CHECKPOINT)
         _write_metrics(run_dir, history)
-    best = max((record["val"][task.selection_metric] for record in history), default=-math.inf)
+    sign = 1.0 if task.higher_is_better else -1.0  # compare `sign * metric`, so that higher is always better
+    best = max((sign * record["val"][task.selection_metric] for record in history), default=-math.inf)
     first_epoch = history[-1]["epoch"] + 1 if history else 1
     started = time.monotonic() - seconds_so_far
     budget = math.inf if config.max_minutes is None else config.max_minutes * 60
@@ -135,8 +137,8 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
             "partial": stop_reason is not None,
         }
         history.append(record)
-        improved = validation[task.selection_metric] > best
-        best = max(best, validation[task.selection_metric])
+        improved = sign * validation[task.selection_metric] > best
+        best = max(best, sign * validation[task.selection_metric])
         _save(run_dir, task.model, optimizer, history, step, improved)
         if progress:
             print(_summary_line(record, task.selection_metric), file=sys.stderr)

@@ -14,6 +14,7 @@ from brainvq.runtime import prepare_images
 
 class VQVAETask:
     selection_metric = "ssim"
+    higher_is_better = True
 
     def __init__(self, model: VQVAE, validation_set: Dataset, *, precision: str, val_images: int = 256) -> None:
         self.model = model

@@ -1,0 +1,72 @@
+"""Code grids: every slice of a split encoded once by the trained VQ-VAE, cached in the run folder.
+
+    RUN/codes/<split>.npy    uint8 [N, G, G], the code index at each latent position
+    RUN/codes/<split>.json   case id and slice index of each grid, and what made them (checkpoint, files)
+
+The prior trains on these grids; they are remade only when the VQ-VAE checkpoint or the split's files change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from brainvq.atomic import atomic_path, atomic_write_bytes
+from brainvq.data.dataset import SliceDataset, load_split
+from brainvq.models.vqvae import VQVAE
+from brainvq.runtime import autocast, prepare_images
+from brainvq.training.loop import BEST_CHECKPOINT
+
+CODES_FOLDER = "codes"
+
+
+@dataclass
+class CodeGrids:
+    """Code grids of one split: `codes` uint8 [N, G, G], `slice_indices` int64 [N], `case_ids` N strings."""
+
+    codes: np.ndarray
+    slice_indices: np.ndarray
+    case_ids: list[str]
+    split: str
+
+
+@torch.no_grad()
+def encode_dataset(model: VQVAE, dataset: SliceDataset, *, device: torch.device, precision: str,
+                   batch_size: int = 32) -> np.ndarray:
+    """All images of `dataset` -> code grids uint8 [N, G, G], in data set order."""
+    model.eval()
+    grids = []
+    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        with autocast(device, precision):
+            grids.append(model.encode(prepare_images(images, device, precision)).to(torch.uint8).cpu())
+    return torch.cat(grids).numpy()
+
+
+def code_grids(run_dir: Path, data_dir: str | Path, split: str, model: VQVAE, *, device: torch.device,
+               precision: str) -> CodeGrids:
+    """The cached code grids of `split`, (re)made if missing or stale."""
+    slices = load_split(data_dir, split)
+    folder = Path(run_dir) / CODES_FOLDER
+    codes_path, index_path = folder / f"{split}.npy", folder / f"{split}.json"
+    made_by = {"checkpoint_sha256": _sha256(Path(run_dir) / BEST_CHECKPOINT),
+               "files": [str(path) for path in slices.files]}
+    index = json.loads(index_path.read_text()) if index_path.exists() and codes_path.exists() else None
+    if index is None or index.get("made_by") != made_by:
+        codes = encode_dataset(model, SliceDataset(slices), device=device, precision=precision)
+        with atomic_path(codes_path) as temporary, open(temporary, "wb") as handle:
+            np.save(handle, codes)
+        index = {"made_by": made_by, "case_ids": slices.case_ids,
+                 "slice_indices": slices.slice_indices.tolist()}
+        atomic_write_bytes(index_path, json.dumps(index).encode())  # written last: it vouches for the .npy
+    codes = np.load(codes_path, allow_pickle=False)
+    return CodeGrids(codes, np.array(index["slice_indices"], dtype=np.int64), index["case_ids"], split)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,138 @@
+"""How good, how varied and how new generated slices are, measured against real ones.
+
+- `c2st_auc`: a classifier two-sample test. A small CNN learns to tell real from generated slices; its
+  cross-validated ROC AUC is 0.5 when it cannot (the samples are indistinguishable) and 1.0 when it always can.
+- `mean_pairwise_ms_ssim`: diversity; lower means more varied. Compare samples with real slices.
+- `nearest_ssim`: memorisation; for each image, SSIM to its most similar training slice. Samples that copy the
+  training set score higher than real held-out slices do.
+- `frechet_distance` / `fid`: Fréchet distance between feature statistics (FID with Inception features).
+
+Images are float tensors [N, 1, H, W] in [0, 1]; training slices may be a uint8 array [M, H, W] (a memmap).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from brainvq.metrics.image import ms_ssim, ssim
+
+
+def roc_auc(scores: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve of `scores` [N] for binary `labels` [N] (Mann-Whitney U, ties counted half)."""
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    greater = (positive[:, None] > negative[None, :]).float().sum()
+    ties = (positive[:, None] == negative[None, :]).float().sum()
+    return float((greater + 0.5 * ties) / (len(positive) * len(negative)))
+
+
+def _classifier() -> nn.Module:
+    """A small CNN for 64x64 slices -> one logit (real vs generated)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 1),
+    )
+
+
+def c2st_auc(real: Tensor, generated: Tensor, *, folds: int = 5, epochs: int = 40, seed: int = 0) -> dict:
+    """Cross-validated ROC AUC of a CNN telling `real` [N, 1, H, W] from `generated` [M, 1, H, W].
+
+    Images are average-pooled to 64x64 (the test asks about anatomy, not pixel noise). Each of `folds`
+    stratified folds is held out once; the classifier is trained from scratch on the rest.
+    Returns {"auc": mean over folds, "auc_folds": [...]}."""
+    generator = torch.Generator().manual_seed(seed)
+    images = F.adaptive_avg_pool2d(torch.cat([real, generated]).float(), 64)
+    labels = torch.cat([torch.ones(len(real)), torch.zeros(len(generated))])
+    fold_of = torch.empty(len(images), dtype=torch.int64)
+    for label in (0, 1):  # stratified: each fold gets its share of real and of generated images
+        members = (labels == label).nonzero().squeeze(1)
+        fold_of[members[torch.randperm(len(members), generator=generator)]] = torch.arange(len(members)) % folds
+    aucs = []
+    for fold in range(folds):
+        held_out = fold_of == fold
+        torch.manual_seed(seed * 1000 + fold)
+        classifier = _train_classifier(images[~held_out], labels[~held_out], epochs, generator)
+        with torch.no_grad():
+            scores = classifier(images[held_out]).squeeze(1)
+        aucs.append(roc_auc(scores, labels[held_out]))
+    return {"auc": float(np.mean(aucs)), "auc_folds": aucs}
+
+
+def _train_classifier(images: Tensor, labels: Tensor, epochs: int, generator: torch.Generator) -> nn.Module:
+    classifier = _classifier()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(images), generator=generator).split(32):
+            loss = F.binary_cross_entropy_with_logits(classifier(images[batch]).squeeze(1), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return classifier.eval()
+
+
+@torch.no_grad()
+def mean_pairwise_ms_ssim(images: Tensor, *, max_pairs: int = 500, seed: int = 0) -> float:
+    """Mean MS-SSIM over pairs of distinct images [N, 1, H, W] (a random subset of `max_pairs` pairs)."""
+    pairs = list(itertools.combinations(range(len(images)), 2))
+    if len(pairs) > max_pairs:
+        chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:max_pairs]
+        pairs = [pairs[index] for index in chosen.tolist()]
+    first, second = (torch.tensor(side) for side in zip(*pairs, strict=True))
+    values = torch.cat([ms_ssim(images[a], images[b]) for a, b in zip(first.split(64), second.split(64),
+                                                                         strict=True)])
+    return float(values.mean())
+
+
+@torch.no_grad()
+def nearest_ssim(queries: Tensor, references: np.ndarray, *, shortlist: int = 16, batch_size: int = 256) -> Tensor:
+    """For each query [N, 1, H, W], the highest SSIM to any reference image (uint8 [M, H, W]).
+
+    Exact SSIM against all M references costs M * N full-resolution SSIMs; instead the `shortlist` nearest
+    references by Euclidean distance at 32x32 are found first, and SSIM is computed for those only."""
+    def small(images: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(images.float(), 32).flatten(1)
+
+    query_features = small(queries)
+    distances = torch.cat([torch.cdist(query_features, small(_as_float(references[start:start + batch_size])))
+                           for start in range(0, len(references), batch_size)], dim=1)  # [N, M]
+    candidates = distances.topk(min(shortlist, len(references)), largest=False).indices  # [N, shortlist]
+    best = torch.empty(len(queries))
+    for index, query in enumerate(queries):
+        chosen = _as_float(references[np.sort(candidates[index].numpy())])
+        best[index] = ssim(query.expand(len(chosen), -1, -1, -1), chosen).max()
+    return best
+
+
+def _as_float(images: np.ndarray) -> Tensor:
+    """uint8 [M, H, W] -> float32 [M, 1, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(images, dtype=np.float32) / 255).unsqueeze(1)
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)) for feature sets [N, D] and [M, D]."""
+    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
+    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    root, _ = scipy.linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(root).all():  # a singular product: nudge both covariances, as FID implementations do
+        offset = np.eye(len(cov_a)) * 1e-6
+        root = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
+
+
+@torch.no_grad()
+def fid(real: Tensor, generated: Tensor, extractor: nn.Module, *, batch_size: int = 32) -> float:
+    """Fréchet distance between `extractor` features of `real` and `generated` images [N, 1, H, W].
+
+    `extractor` maps a float batch [B, 1, H, W] in [0, 1] to features [B, D]; for the standard FID it resizes
+    to 299x299, repeats the channel three times and returns Inception-v3 pool features."""
+    def features(images: Tensor) -> np.ndarray:
+        return torch.cat([extractor(batch).double() for batch in images.split(batch_size)]).numpy()
+
+    return frechet_distance(features(real), features(generated))

@@ -1,0 +1,132 @@
+"""Gated PixelCNN prior over code grids (van den Oord et al. 2016), without a blind spot.
+
+Input: code grids [B, G, G] (int64 in [0, K)) and, optionally, the slice position of each grid [B] (0..31).
+Output: logits [B, K, G, G]; logits[:, :, r, c] depends only on codes before (r, c) in raster order.
+
+Two stacks of features keep that promise:
+- the vertical stack v[r, c] sees only rows strictly above r (any column within its reach);
+- the horizontal stack h[r, c] sees row r strictly left of c, plus v[r, c] through a 1x1 link.
+The first layer reads the embedded codes with kernels that exclude the current row (v) or column (h); later
+layers use kernels that include the current row/column of the previous layer's features, which are already
+causal. Because v covers the whole triangle above (not just a cone), there is no blind spot.
+
+All padding is explicit (`_pad_above`, `_pad_left`), so the same convolutions can be evaluated on a small
+window of rows or columns; `models/fast_sampling.py` relies on this to sample one position at a time without
+recomputing the grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brainvq.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PixelCNNConfig:
+    codebook_size: int = 32
+    channels: int = 64
+    layers: int = 10
+    kernel_size: int = 5  # odd; each layer reaches kernel_size // 2 further up, left and right
+    conditional: bool = True  # condition on the slice position
+    positions: int = 32  # number of slice positions (OASIS: 32 slices per case)
+
+    def validate(self) -> None:
+        checks = {
+            "codebook_size": self.codebook_size >= 2,
+            "channels": self.channels >= 1,
+            "layers": self.layers >= 1,
+            "kernel_size": self.kernel_size >= 3 and self.kernel_size % 2 == 1,
+            "positions": self.positions >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid (kernel_size: odd >= 3; others >= 1)")
+
+
+def _pad_above(x: torch.Tensor, rows: int, side: int) -> torch.Tensor:
+    """Zero rows above and `side` zero columns left and right: [B, C, H, W] -> [B, C, H + rows, W + 2 side]."""
+    return F.pad(x, (side, side, rows, 0))
+
+
+def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
+    """Zero columns on the left: [B, C, H, W] -> [B, C, H, W + columns]."""
+    return F.pad(x, (columns, 0, 0, 0))
+
+
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """tanh(a) * sigmoid(b) for x = [a, b] split along channels: [B, 2C, ...] -> [B, C, ...]."""
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer of both stacks; `conditioning` [B, 2C] is added before each gate."""
+
+    def __init__(self, channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.reach = kernel_size // 2
+        self.vertical = nn.Conv2d(channels, 2 * channels, (self.reach + 1, kernel_size))
+        self.horizontal = nn.Conv2d(channels, 2 * channels, (1, self.reach + 1))
+        self.link = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.residual = nn.Conv2d(channels, channels, 1)
+        self.skip = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, v: torch.Tensor, h: torch.Tensor,
+                conditioning: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """v, h [B, C, G, G] -> (new v, new h, skip contribution), each [B, C, G, G]."""
+        bias = conditioning[:, :, None, None]
+        v_features = self.vertical(_pad_above(v, self.reach, self.reach))
+        h_features = self.horizontal(_pad_left(h, self.reach)) + self.link(v_features)
+        h_gated = gate(h_features + bias)
+        return gate(v_features + bias), h + self.residual(h_gated), self.skip(h_gated)
+
+
+class GatedPixelCNN(nn.Module):
+    def __init__(self, config: PixelCNNConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or PixelCNNConfig()
+        self.config.validate()
+        channels, kernel_size = self.config.channels, self.config.kernel_size
+        self.reach = kernel_size // 2
+        self.embedding = nn.Embedding(self.config.codebook_size, channels)
+        # First layer: v sees the `reach` rows above (not the current one), h the `reach` columns to the left.
+        self.first_vertical = nn.Conv2d(channels, channels, (self.reach, kernel_size))
+        self.first_horizontal = nn.Conv2d(channels, channels, (1, self.reach))
+        self.first_link = nn.Conv2d(channels, channels, 1)
+        self.layers = nn.ModuleList([GatedLayer(channels, kernel_size) for _ in range(self.config.layers)])
+        conditions = self.config.positions if self.config.conditional else 1
+        self.conditioning = nn.Embedding(conditions, 2 * channels * self.config.layers)
+        nn.init.zeros_(self.conditioning.weight)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
+                                  nn.Conv2d(channels, self.config.codebook_size, 1))
+
+    def condition_vectors(self, positions: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """Per-layer conditioning biases [layers, B, 2C]; all-equal (a learnt bias) when unconditional."""
+        if not self.config.conditional or positions is None:
+            positions = torch.zeros(batch, dtype=torch.int64, device=device)
+        elif positions.min() < 0 or positions.max() >= self.config.positions:
+            raise ConfigError(f"slice positions must be in 0..{self.config.positions - 1}")
+        return self.conditioning(positions).view(batch, self.config.layers, -1).transpose(0, 1)
+
+    def first_stacks(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes [B, G, G] -> (v, h) [B, C, G, G] of the first layer, strictly above / strictly left."""
+        size = codes.shape[-1]
+        x = self.embedding(codes).permute(0, 3, 1, 2)
+        v = self.first_vertical(_pad_above(x, self.reach, self.reach))[:, :, :size]
+        h = self.first_horizontal(_pad_left(x, self.reach))[:, :, :, :size] + self.first_link(v)
+        return v, h
+
+    def forward(self, codes: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, G, G] int64, positions [B] int64 or None -> logits [B, K, G, G]."""
+        conditioning = self.condition_vectors(positions, codes.shape[0], codes.device)
+        v, h = self.first_stacks(codes)
+        skip = torch.zeros_like(h)
+        for layer, bias in zip(self.layers, conditioning, strict=True):
+            v, h, contribution = layer(v, h, bias)
+            skip = skip + contribution
+        return self.head(skip)

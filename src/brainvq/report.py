@@ -1,0 +1,164 @@
+"""report.html: one self-contained page (images embedded) of everything a run folder holds.
+
+It only reads what the other steps wrote (configs, metrics.jsonl, eval_*.json, PNGs, code grids); a missing
+piece is shown as the command that makes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure  # the object API needs no display backend
+
+from brainvq import __version__
+from brainvq.atomic import atomic_write_bytes
+from brainvq.codes import CODES_FOLDER
+from brainvq.run import CONFIG_FILE, PRIOR_FOLDER
+from brainvq.training.loop import METRICS_FILE
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ddd; padding: .25em .6em; }
+th { background: #f4f4f4; text-align: left; } img { max-width: 100%; } .missing { color: #a33; }
+figure { margin: .8em 0; } figcaption { color: #555; font-size: .9em; }
+"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report.html and return its path."""
+    run_dir = Path(run_dir)
+    sections = [
+        _section("Settings", _settings(run_dir)),
+        _section("Reconstruction of held-out slices", _reconstruction(run_dir)),
+        _section("Training curves", _curves(run_dir)),
+        _section("Codebook usage", _codebook_usage(run_dir)),
+        _section("Generated slices", _samples(run_dir)),
+    ]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>brainvq report: {html.escape(run_dir.name)}"
+            f"</title><style>{STYLE}</style></head><body><h1>brainvq report</h1>"
+            f"<p>Run folder <code>{html.escape(str(run_dir.resolve()))}</code>, brainvq {__version__}.</p>"
+            + "".join(sections) + "</body></html>")
+    path = run_dir / "report.html"
+    atomic_write_bytes(path, page.encode())
+    return path
+
+
+def _section(title: str, body: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>{body}"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _missing(what: str, command: str) -> str:
+    return f"<p class='missing'>No {html.escape(what)} yet: run <code>{html.escape(command)}</code>.</p>"
+
+
+def _table(values: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_format(value))}</td></tr>"
+                   for key, value in values.items())
+    return f"<table>{rows}</table>"
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_format(item)}" for key, item in value.items())
+    return str(value)
+
+
+def _image(png: bytes, caption: str) -> str:
+    data = base64.b64encode(png).decode()
+    return (f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _image_file(path: Path, caption: str, command: str) -> str:
+    return _image(path.read_bytes(), caption) if path.is_file() else _missing(caption, command)
+
+
+def _figure_png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _settings(run_dir: Path) -> str:
+    parts = []
+    for name, folder in (("VQ-VAE", run_dir), ("PixelCNN prior", run_dir / PRIOR_FOLDER)):
+        config = _read_json(folder / CONFIG_FILE)
+        if config is not None:
+            parts.append(f"<h3>{name}</h3>{_table(config['model'])}{_table(config['train'])}")
+    return "".join(parts) or _missing("configuration", "brainvq train-vqvae")
+
+
+def _reconstruction(run_dir: Path) -> str:
+    results = _read_json(run_dir / "eval_test.json")
+    if results is None:
+        return _missing("test evaluation", f"brainvq evaluate {run_dir} --data DATA")
+    return _table(results) + _image_file(run_dir / "recon_test.png", "test slices (top) and their reconstructions "
+                                         "(bottom)", f"brainvq evaluate {run_dir} --data DATA")
+
+
+def _history(folder: Path) -> list[dict[str, Any]]:
+    path = folder / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _curves(run_dir: Path) -> str:
+    vqvae, prior = _history(run_dir), _history(run_dir / PRIOR_FOLDER)
+    if not vqvae:
+        return _missing("training history", "brainvq train-vqvae")
+    panels = [("VQ-VAE training loss", vqvae, lambda r: r["train"]["loss"], True),
+              ("VQ-VAE validation SSIM", vqvae, lambda r: r["val"]["ssim"], False),
+              ("VQ-VAE codes used per epoch", vqvae, lambda r: r["train"]["codebook_used"], False)]
+    if prior:
+        panels += [("prior training bits/code", prior, lambda r: r["train"]["bits_per_code"], False),
+                   ("prior validation bits/code", prior, lambda r: r["val"]["nll_bits_per_code"], False)]
+    figure = Figure(figsize=(4 * len(panels), 3), layout="tight")
+    axes = figure.subplots(1, len(panels))
+    for axis, (title, history, value, log_scale) in zip(np.atleast_1d(axes), panels, strict=True):
+        axis.plot([record["epoch"] for record in history], [value(record) for record in history], marker="o")
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("epoch")
+        if log_scale:
+            axis.set_yscale("log")
+    return _image(_figure_png(figure), "per-epoch figures from metrics.jsonl")
+
+
+def _codebook_usage(run_dir: Path) -> str:
+    path = run_dir / CODES_FOLDER / "test.npy"
+    if not path.is_file():
+        return _missing("test code grids", f"brainvq train-prior {run_dir}")
+    codes = np.load(path, allow_pickle=False)
+    config = _read_json(run_dir / CONFIG_FILE)
+    counts = np.bincount(codes.ravel(), minlength=config["model"]["codebook_size"])
+    figure = Figure(figsize=(8, 2.8), layout="tight")
+    axis = figure.subplots()
+    axis.bar(np.arange(len(counts)), counts / counts.sum())
+    axis.set_xlabel("code")
+    axis.set_ylabel("share of test positions")
+    axis.set_yscale("log")
+    used = int((counts > 0).sum())
+    return _image(_figure_png(figure), f"{used} of {len(counts)} codes used on the test split")
+
+
+def _samples(run_dir: Path) -> str:
+    command = f"brainvq evaluate-samples {run_dir}"
+    results = _read_json(run_dir / "eval_samples.json")
+    prior = _read_json(run_dir / PRIOR_FOLDER / "eval_prior.json")
+    parts = [_table(prior) if prior else _missing("prior evaluation", f"brainvq train-prior {run_dir}")]
+    parts.append(_table(results) if results else _missing("sample evaluation", command))
+    parts.append(_image_file(run_dir / "samples_grid.png", "generated slices (random slice positions)", command))
+    parts.append(_image_file(run_dir / "samples_by_position.png", "one generated slice per position 0..31 "
+                             "(left to right, top to bottom)", command))
+    return "".join(parts)

@@ -1,0 +1,104 @@
+"""Sampling code grids from the PixelCNN prior, one position at a time in raster order.
+
+Two samplers give the same code grids for the same random numbers:
+- `naive`: runs the whole network over the whole grid for every position (G*G full passes);
+- `fast` (default): caches what earlier positions computed (Fast PixelCNN, Ramachandran et al. 2017). Per row,
+  the vertical stack of every layer is computed once for that row (it only sees rows above); per position,
+  only the horizontal stack at that position is computed, from cached features of the positions to its left.
+Both draw all their random numbers up front (one uniform per position) and turn logits into a code with the
+same inverse-CDF rule, so any difference between them would be a bug, which a test checks bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from brainvq.models.pixelcnn import GatedPixelCNN, gate
+
+
+def choose_codes(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+    """Draw one code per row of `logits` [B, K] by inverse CDF of softmax(logits / T), restricted to the
+    `top_k` most likely codes; `uniforms` [B] in [0, 1) are the random numbers. Returns [B] int64."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[1]:
+        threshold = logits.topk(top_k, dim=1).values[:, -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    cumulative = logits.softmax(dim=1).cumsum(dim=1)
+    # right=True: the first code whose cumulative probability exceeds u, so a code of probability 0 is never drawn.
+    chosen = torch.searchsorted(cumulative, (uniforms * cumulative[:, -1]).unsqueeze(1).contiguous(), right=True)
+    return chosen.squeeze(1).clamp_max(logits.shape[1] - 1)
+
+
+def draw_uniforms(count: int, grid_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The random numbers of a sampling run: [count, G, G] uniforms in [0, 1)."""
+    return torch.rand(count, grid_size, grid_size, generator=generator)
+
+
+@torch.no_grad()
+def sample_naive(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.Tensor | None = None, *,
+                 temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """uniforms [B, G, G] -> code grids [B, G, G], by a full forward pass per position."""
+    batch, size, _ = uniforms.shape
+    device = next(model.parameters()).device
+    codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
+    for row in range(size):
+        for column in range(size):
+            logits = model(codes, positions)[:, :, row, column]
+            codes[:, row, column] = choose_codes(logits, uniforms[:, row, column].to(device),
+                                                 temperature=temperature, top_k=top_k)
+    return codes
+
+
+@torch.no_grad()
+def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.Tensor | None = None, *,
+                temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """uniforms [B, G, G] -> code grids [B, G, G], computing only what each new code changes."""
+    batch, size, _ = uniforms.shape
+    device = next(model.parameters()).device
+    channels, reach, depth = model.config.channels, model.reach, len(model.layers)
+    conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]
+    codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
+    # Embedded codes and each layer's vertical-stack input, zero-padded `reach` above and on both sides,
+    # exactly as the full forward pass pads them; row r of the grid is row r + reach of these buffers.
+    embedded = torch.zeros(batch, channels, size + reach, size + 2 * reach, device=device)
+    vertical = [torch.zeros_like(embedded) for _ in range(depth)]
+    horizontal_weights = [_as_matrix(layer.horizontal.weight) for layer in model.layers]
+    first_horizontal = _as_matrix(model.first_horizontal.weight)
+
+    for row in range(size):
+        # Vertical stacks of this row: they only see rows above, all of which are final now.
+        v = model.first_vertical(embedded[:, :, row:row + reach])  # [B, C, 1, G]
+        vertical[0][:, :, row + reach, reach:reach + size] = v[:, :, 0]
+        first_link = model.first_link(v)[:, :, 0]  # [B, C, G]
+        links = []
+        for index, layer in enumerate(model.layers):
+            v_features = layer.vertical(vertical[index][:, :, row:row + reach + 1])  # [B, 2C, 1, G]
+            links.append(layer.link(v_features)[:, :, 0])
+            if index + 1 < depth:
+                vertical[index + 1][:, :, row + reach, reach:reach + size] = gate(
+                    v_features + conditioning[index][:, :, None, None])[:, :, 0]
+        # Horizontal stacks, position by position; h_rows[i] holds layer i's input on this row, padded left.
+        h_rows = [torch.zeros(batch, channels, size + reach, device=device) for _ in range(depth + 1)]
+        for column in range(size):
+            window = embedded[:, :, row + reach, column:column + reach]  # the `reach` codes to the left
+            h = window.reshape(batch, -1) @ first_horizontal + model.first_horizontal.bias + first_link[:, :, column]
+            skip = torch.zeros(batch, channels, device=device)
+            for index, layer in enumerate(model.layers):
+                h_rows[index][:, :, column + reach] = h
+                h_window = h_rows[index][:, :, column:column + reach + 1].reshape(batch, -1)
+                h_features = h_window @ horizontal_weights[index] + layer.horizontal.bias + links[index][:, :, column]
+                h_gated = gate(h_features + conditioning[index])
+                h = h + F.linear(h_gated, layer.residual.weight[:, :, 0, 0], layer.residual.bias)
+                skip = skip + F.linear(h_gated, layer.skip.weight[:, :, 0, 0], layer.skip.bias)
+            logits = model.head(skip[:, :, None, None])[:, :, 0, 0]
+            chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature, top_k=top_k)
+            codes[:, row, column] = chosen
+            embedded[:, :, row + reach, column + reach] = model.embedding(chosen)
+    return codes
+
+
+def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A [out, in, 1, width] convolution kernel as a matrix [in * width, out] for a flattened window."""
+    return weight.flatten(1).t()

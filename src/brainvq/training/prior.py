@@ -1,0 +1,58 @@
+"""The PixelCNN prior as a `TrainingTask`: one step is the cross-entropy of a batch of code grids."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from brainvq.codes import CodeGrids
+from brainvq.models.pixelcnn import GatedPixelCNN
+from brainvq.runtime import autocast
+
+
+def code_dataset(grids: CodeGrids) -> TensorDataset:
+    """Items: (codes int64 [G, G], slice position int64)."""
+    return TensorDataset(torch.from_numpy(grids.codes.astype("int64")), torch.from_numpy(grids.slice_indices))
+
+
+@torch.no_grad()
+def nll_bits_per_code(model: GatedPixelCNN, dataset: TensorDataset, *, precision: str, batch_size: int = 64) -> float:
+    """Mean negative log-likelihood of every code of `dataset` under `model`, in bits."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_nats, count = 0.0, 0
+    for codes, positions in DataLoader(dataset, batch_size=batch_size):
+        codes, positions = codes.to(device), positions.to(device)
+        with autocast(device, precision):
+            logits = model(codes, positions)
+        total_nats += float(F.cross_entropy(logits.float(), codes, reduction="sum"))
+        count += codes.numel()
+    return total_nats / count / math.log(2)
+
+
+class PriorTask:
+    selection_metric = "nll_bits_per_code"
+    higher_is_better = False
+
+    def __init__(self, model: GatedPixelCNN, validation_set: TensorDataset, *, precision: str) -> None:
+        self.model = model
+        self.validation_set = validation_set
+        self.precision = precision
+
+    def start_epoch(self) -> None:
+        pass
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        codes, positions = batch[0].to(device), batch[1].to(device)
+        nats = F.cross_entropy(self.model(codes, positions).float(), codes)
+        return {"loss": nats, "bits_per_code": nats / math.log(2)}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}
+
+    def validate(self) -> dict[str, float]:
+        return {"nll_bits_per_code": nll_bits_per_code(self.model, self.validation_set, precision=self.precision)}

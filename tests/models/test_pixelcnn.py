@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from brainvq.errors import ConfigError
+from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
+
+
+def input_gradients(model: GatedPixelCNN, codes: torch.Tensor, row: int, column: int) -> torch.Tensor:
+    """|d logits[row, column] / d embedded input| summed over channels: [G, G]."""
+    captured = {}
+
+    def make_leaf(module, inputs, output):
+        captured["x"] = output.detach().requires_grad_(True)
+        return captured["x"]
+
+    handle = model.embedding.register_forward_hook(make_leaf)
+    try:
+        logits = model(codes, torch.tensor([3]))
+    finally:
+        handle.remove()
+    logits[0, :, row, column].sum().backward()
+    return captured["x"].grad[0].abs().sum(-1)  # embedding output is [B, G, G, C]
+
+
+@pytest.mark.parametrize(("kernel_size", "layers", "size"), [(3, 3, 5), (5, 2, 6)])
+def test_each_output_sees_every_earlier_position_and_nothing_later(kernel_size, layers, size):
+    torch.manual_seed(0)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=layers, kernel_size=kernel_size)
+    model = GatedPixelCNN(config).double()
+    # The grid is small enough for the receptive field, (kernel_size // 2) * (layers + 1) positions in each
+    # direction, to cover it: every earlier position must then have a non-zero gradient (no blind spot).
+    assert (kernel_size // 2) * (layers + 1) >= size - 1
+    codes = torch.randint(0, 6, (1, size, size))
+    for row in range(size):
+        for column in range(size):
+            gradient = input_gradients(model, codes, row, column).flatten()
+            here = row * size + column
+            assert torch.all(gradient[here:] == 0), f"output ({row}, {column}) sees itself or a later code"
+            assert torch.all(gradient[:here] > 0), f"output ({row}, {column}) has a blind spot"
+
+
+def test_output_shape_and_slice_conditioning_changes_the_logits():
+    torch.manual_seed(0)
+    model = GatedPixelCNN(PixelCNNConfig(codebook_size=6, channels=8, layers=2))
+    torch.nn.init.normal_(model.conditioning.weight)
+    codes = torch.randint(0, 6, (2, 4, 4))
+    logits = model(codes, torch.tensor([0, 0]))
+    assert logits.shape == (2, 6, 4, 4)
+    assert not torch.allclose(logits, model(codes, torch.tensor([0, 20])))
+
+
+def test_unconditional_model_ignores_positions_and_bad_positions_are_refused():
+    model = GatedPixelCNN(PixelCNNConfig(codebook_size=6, channels=8, layers=2, conditional=False))
+    codes = torch.randint(0, 6, (2, 4, 4))
+    assert torch.equal(model(codes, torch.tensor([0, 31])), model(codes, None))
+    conditional = GatedPixelCNN(PixelCNNConfig(codebook_size=6, channels=8, layers=2))
+    with pytest.raises(ConfigError, match=r"0\.\.31"):
+        conditional(codes, torch.tensor([0, 32]))
+
+
+def test_invalid_config_is_refused():
+    with pytest.raises(ConfigError, match="kernel_size"):
+        GatedPixelCNN(PixelCNNConfig(kernel_size=4))

@@ -1,0 +1,109 @@
+"""The generation half end to end on the tiny cohort: code grids -> prior -> samples -> evaluation -> report."""
+
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from brainvq import api
+from brainvq.cli import main
+from brainvq.config import TrainConfig, VQVAEConfig
+from brainvq.errors import ConfigError
+from brainvq.images import load_png
+from brainvq.models.pixelcnn import PixelCNNConfig
+from brainvq.report import write_report
+
+QUICK = {"max_minutes": None, "batch_size": 8, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_cohort, tmp_path_factory):
+    """A VQ-VAE (8x down-sampling: 32x32 code grids) and a small prior, each trained for a few steps."""
+    run = tmp_path_factory.mktemp("generation") / "run"
+    api.train_vqvae(tiny_cohort, run, model_config=VQVAEConfig(downsample=8, channels=32, code_dim=16),
+                    train_config=TrainConfig(epochs=2, **QUICK), progress=False)
+    api.train_prior(run, prior_config=PixelCNNConfig(codebook_size=32, channels=16, layers=3),
+                    train_config=TrainConfig(epochs=2, **QUICK), progress=False)
+    return run
+
+
+def test_code_grids_are_cached_uint8_with_case_and_slice(trained_run):
+    codes = np.load(trained_run / "codes" / "train.npy")
+    index = json.loads((trained_run / "codes" / "train.json").read_text())
+    assert codes.dtype == np.uint8 and codes.shape == (64, 32, 32)
+    assert index["slice_indices"][:3] == [0, 1, 2] and len(index["case_ids"]) == 64
+    assert codes.max() < 32
+
+
+def test_prior_reports_validation_and_test_bits_per_code(trained_run):
+    results = json.loads((trained_run / "prior" / "eval_prior.json").read_text())
+    for split in ("validate", "test"):
+        # A trained prior beats the uniform distribution over 32 codes (5 bits) by a wide margin.
+        assert 0 < results[f"{split}_nll_bits_per_code"] < 5
+    history = [json.loads(line) for line in (trained_run / "prior" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in history] == [1, 2]
+
+
+def test_sample_writes_pngs_and_a_grid_and_fast_equals_naive(trained_run, tmp_path):
+    fast = api.sample(trained_run, 3, tmp_path / "fast", seed=5, slice_position=20)
+    naive = api.sample(trained_run, 3, tmp_path / "naive", seed=5, slice_position=20, method="naive")
+    assert [p.split("/")[-1] for p in fast["files"]] == [f"sample_000{i}_slice_20.png" for i in range(3)]
+    for fast_file, naive_file in zip(fast["files"], naive["files"], strict=True):
+        image = load_png(fast_file)
+        assert image.shape == (256, 256)
+        assert np.array_equal(image, load_png(naive_file))
+    assert load_png(tmp_path / "fast" / "samples_grid.png").shape[1] > 256 * 7
+
+
+def test_same_seed_same_samples_and_bad_options_are_refused(trained_run):
+    first, first_positions, _ = api.generate(trained_run, 2, seed=3)
+    second, second_positions, _ = api.generate(trained_run, 2, seed=3)
+    assert np.array_equal(first.numpy(), second.numpy())
+    assert first_positions.tolist() == second_positions.tolist()
+    for options, message in (({"temperature": 0}, "temperature"), ({"top_k": 33}, "top_k"),
+                             ({"slice_position": 32}, "slice position"), ({"method": "slow"}, "method")):
+        with pytest.raises(ConfigError, match=message):
+            api.generate(trained_run, 1, **options)
+
+
+def test_cli_sample_rejects_invalid_values_with_one_line(trained_run, tmp_path, capsys):
+    assert main(["sample", str(trained_run), "--out", str(tmp_path), "--top-k", "40"]) == 1
+    assert "top_k must be in 1..32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", str(trained_run), "--out", str(tmp_path), "--temperature", "0"])
+
+
+class ImageCounter(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.embedded = 0
+        self.external = []
+
+    def handle_starttag(self, tag, attrs):
+        source = dict(attrs).get("src")
+        if tag == "img":
+            if source.startswith("data:image/png;base64,"):
+                self.embedded += 1
+            else:
+                self.external.append(source)
+
+
+def test_evaluate_samples_then_report(trained_run, tiny_cohort):
+    results = api.evaluate_samples(trained_run, n=12, seed=0)
+    saved = json.loads((trained_run / "eval_samples.json").read_text())
+    assert results == saved
+    assert 0 <= results["c2st_auc"] <= 1
+    assert 0 < results["diversity_ms_ssim"] <= 1 and 0 < results["diversity_ms_ssim_real_test"] <= 1
+    assert 0 < results["nearest_train_ssim"]["mean"] <= 1
+    assert results["prior_nll_bits_per_code"] > 0
+    assert (trained_run / "samples_by_position.png").exists()
+
+    api.evaluate(trained_run, tiny_cohort)
+    page = write_report(trained_run)
+    assert page == trained_run / "report.html"
+    counter = ImageCounter()
+    counter.feed(page.read_text())
+    # curves, codebook histogram, reconstructions, sample grid, samples by position
+    assert counter.embedded == 5 and counter.external == []
+    assert "No " not in page.read_text()  # every section found its inputs

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
+from brainvq.sampling import choose_codes, draw_uniforms, sample_fast, sample_naive
+
+
+def trained_looking_model(conditional: bool = True) -> GatedPixelCNN:
+    """Random weights scaled up so that logits are far from uniform, as after training."""
+    torch.manual_seed(0)
+    model = GatedPixelCNN(PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.conditioning.weight)
+        for parameter in model.parameters():
+            parameter.mul_(2.0)
+    return model
+
+
+@pytest.mark.parametrize(("conditional", "temperature", "top_k"), [(True, 1.0, None), (True, 0.7, 3),
+                                                                    (False, 1.3, None)])
+def test_fast_sampling_gives_exactly_the_naive_code_grids(conditional, temperature, top_k):
+    model = trained_looking_model(conditional)
+    uniforms = draw_uniforms(4, 7, torch.Generator().manual_seed(1))
+    positions = torch.tensor([0, 9, 20, 31])
+    naive = sample_naive(model, uniforms, positions, temperature=temperature, top_k=top_k)
+    fast = sample_fast(model, uniforms, positions, temperature=temperature, top_k=top_k)
+    assert torch.equal(fast, naive)
+    assert len(naive.unique()) > 1  # not a degenerate test: the grids hold several codes
+
+
+def test_samples_depend_on_the_random_numbers_and_the_slice_position():
+    model = trained_looking_model()
+    first = draw_uniforms(2, 6, torch.Generator().manual_seed(1))
+    second = draw_uniforms(2, 6, torch.Generator().manual_seed(2))
+    positions = torch.tensor([5, 5])
+    assert not torch.equal(sample_fast(model, first, positions), sample_fast(model, second, positions))
+    assert not torch.equal(sample_fast(model, first, positions), sample_fast(model, first, torch.tensor([25, 25])))
+
+
+def test_choose_codes_is_inverse_cdf_with_temperature_and_top_k():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    pick = lambda u, **kw: int(choose_codes(logits, torch.tensor([u]), **kw))  # noqa: E731
+    assert [pick(u) for u in (0.05, 0.15, 0.35, 0.99)] == [0, 1, 2, 3]
+    assert pick(0.0, top_k=1) == 3 and pick(0.999, top_k=1) == 3
+    assert {pick(u, top_k=2) for u in (0.01, 0.5, 0.99)} == {2, 3}
+    # A low temperature concentrates the mass on the likeliest code.
+    assert pick(0.05, temperature=0.05) == 3
