@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
-from brainvq.runtime import resolve_device
+from brainvq.runtime import machine_description, resolve_device
 from brainvq.sampling import choose_codes, draw_uniforms, sample_fast
 
 
@@ -63,7 +62,7 @@ def main() -> None:
         results.append({"grid_size": grid_size, "fast_seconds_per_batch": fast,
                         "naive_seconds_per_position": per_position,
                         "naive_seconds_per_batch_scaled": naive, "ratio_naive_over_fast": naive / fast})
-    print(json.dumps({"benchmark": "sampling", "machine": platform.processor() or platform.machine(),
+    print(json.dumps({"benchmark": "sampling", "machine": machine_description(),
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": args.batch_size,
                       "prior": PixelCNNConfig().__dict__, "results": results}, indent=2))
 

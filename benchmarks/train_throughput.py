@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -19,7 +18,7 @@ import torch
 
 from brainvq.config import VQVAEConfig
 from brainvq.models.vqvae import VQVAE
-from brainvq.runtime import autocast, prepare_images, prepare_module, resolve_device
+from brainvq.runtime import autocast, machine_description, prepare_images, prepare_module, resolve_device
 
 
 def make_step(precision: str, device: torch.device, batch_size: int):
@@ -69,7 +68,7 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in rates.items()}
     result = {
         "benchmark": "train_throughput",
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine_description(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "torch": torch.__version__,
         "batch_size": args.batch_size,

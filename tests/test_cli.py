@@ -22,7 +22,8 @@ def subcommand_paths(parser, prefix=()):
 def test_help_works_for_the_program_and_every_subcommand(capsys):
     paths = list(subcommand_paths(build_parser()))
     assert {("data", "demo"), ("data", "check"), ("data", "from-volumes"), ("train-vqvae",), ("evaluate",),
-            ("reconstruct",), ("demo",)} <= set(paths)
+            ("reconstruct",), ("train-prior",), ("sample",), ("evaluate-samples",), ("report",),
+            ("demo",)} <= set(paths)
     for path in [(), *paths]:
         with pytest.raises(SystemExit) as exited:
             main([*path, "--help"])
@@ -95,3 +96,33 @@ def test_kill_during_training_then_resume_finishes_every_epoch_exactly_once(tiny
     assert resumed.returncode == 0, resumed.stderr
     epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage", ["case in two splits", "wrong size", "corrupt png", "empty split"])
+def test_data_check_exits_non_zero_naming_the_problem_file(tiny_cohort, tmp_path, capsys, damage):
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort, data)
+    test_folder = data / "keras_png_slices_test"
+    victim = sorted(test_folder.iterdir())[0]
+    if damage == "case in two splits":
+        train_case = sorted((data / "keras_png_slices_train").iterdir())[0].name
+        shutil.copy(victim, test_folder / train_case)
+        named = train_case
+    elif damage == "wrong size":
+        Image.new("L", (128, 256)).save(victim)
+        named = victim.name
+    elif damage == "corrupt png":
+        victim.write_bytes(victim.read_bytes()[:100])
+        named = victim.name
+    else:
+        for path in test_folder.iterdir():
+            path.unlink()
+        named = "keras_png_slices_test"
+    assert main(["data", "check", str(data)]) == 1
+    problems = capsys.readouterr().err.strip().splitlines()
+    assert problems and all(line.startswith("brainvq: problem: ") for line in problems)
+    assert any(named in line for line in problems), problems

@@ -23,7 +23,7 @@ def trained_run(tiny_cohort, tmp_path_factory):
     run = tmp_path_factory.mktemp("generation") / "run"
     api.train_vqvae(tiny_cohort, run, model_config=VQVAEConfig(downsample=8, channels=32, code_dim=16),
                     train_config=TrainConfig(epochs=2, **QUICK), progress=False)
-    api.train_prior(run, prior_config=PixelCNNConfig(codebook_size=32, channels=16, layers=3),
+    api.train_prior(run, prior_config=PixelCNNConfig(codebook_size=32, channels=16, layers=3, grid_size=32),
                     train_config=TrainConfig(epochs=2, **QUICK), progress=False)
     return run
 

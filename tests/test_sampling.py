@@ -5,12 +5,14 @@ from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.sampling import choose_codes, draw_uniforms, sample_fast, sample_naive
 
 
-def trained_looking_model(conditional: bool = True) -> GatedPixelCNN:
+def trained_looking_model(conditional: bool = True, grid_size: int = 7) -> GatedPixelCNN:
     """Random weights scaled up so that logits are far from uniform, as after training."""
     torch.manual_seed(0)
-    model = GatedPixelCNN(PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional)).eval()
+    config = PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional, grid_size=grid_size)
+    model = GatedPixelCNN(config).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.conditioning.weight)
+        torch.nn.init.normal_(model.location_projection.weight, std=0.3)
         for parameter in model.parameters():
             parameter.mul_(2.0)
     return model
@@ -29,7 +31,7 @@ def test_fast_sampling_gives_exactly_the_naive_code_grids(conditional, temperatu
 
 
 def test_samples_depend_on_the_random_numbers_and_the_slice_position():
-    model = trained_looking_model()
+    model = trained_looking_model(grid_size=6)
     first = draw_uniforms(2, 6, torch.Generator().manual_seed(1))
     second = draw_uniforms(2, 6, torch.Generator().manual_seed(2))
     positions = torch.tensor([5, 5])

@@ -90,10 +90,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, *, split: str = "test", 
     """Reconstruction quality of the run's best VQ-VAE on `split`: writes eval_<split>.json and
     recon_<split>.png (originals above reconstructions) into the run folder and returns the figures."""
     run_dir = Path(run_dir)
-    model, metadata = load_vqvae(run_dir)
-    precision = precision or read_run_config(run_dir)[1].precision
-    torch_device = resolve_device(device)
-    model = prepare_module(model, torch_device, precision)
+    model, metadata, torch_device, precision = _ready_vqvae(run_dir, device, precision)
     dataset = SliceDataset(load_split(data_dir, split))
     results = measure_reconstructions(model, dataset, device=torch_device, precision=precision,
                                       batch_size=batch_size)
@@ -108,10 +105,7 @@ def reconstruct(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path, 
                 device: str = "auto", precision: str | None = None, batch_size: int = 32) -> int:
     """Write each reconstruction of `split` as an 8-bit PNG named like its input; returns the count."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    model, _ = load_vqvae(run_dir)
-    precision = precision or read_run_config(run_dir)[1].precision
-    torch_device = resolve_device(device)
-    model = prepare_module(model, torch_device, precision)
+    model, _, torch_device, precision = _ready_vqvae(run_dir, device, precision)
     slices = load_split(data_dir, split)
     files = iter(slices.files)
     count = 0
@@ -139,15 +133,18 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
     else:
         if (prior_dir / CONFIG_FILE).exists():
             raise ConfigError("already holds a trained prior; pass --resume to continue it", prior_dir)
-        prior_config = prior_config or PixelCNNConfig(codebook_size=vqvae_config.codebook_size)
-        if prior_config.codebook_size != vqvae_config.codebook_size:
-            raise ConfigError(f"prior codebook_size {prior_config.codebook_size} differs from the VQ-VAE's "
-                              f"{vqvae_config.codebook_size}", run_dir / CONFIG_FILE)
+        prior_config = prior_config or PixelCNNConfig(codebook_size=vqvae_config.codebook_size,
+                                                      grid_size=vqvae_config.grid_size)
+        for name, vqvae_value in (("codebook_size", vqvae_config.codebook_size),
+                                  ("grid_size", vqvae_config.grid_size)):
+            if getattr(prior_config, name) != vqvae_value:
+                raise ConfigError(f"prior {name} {getattr(prior_config, name)} differs from the VQ-VAE's "
+                                  f"{vqvae_value}", run_dir / CONFIG_FILE)
         train_config = dataclasses.replace(train_config or TrainConfig(), data_dir=str(data_dir.resolve()))
         prior_config.validate()
         train_config.validate()
+    grids = _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision)
     device = resolve_device(train_config.device)
-    grids = _all_code_grids(run_dir, data_dir, device, train_config.precision)
     seed_everything(train_config.seed)
     model = GatedPixelCNN(prior_config).to(device)
     if not resume:
@@ -165,9 +162,9 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
     return results
 
 
-def _all_code_grids(run_dir: Path, data_dir: Path, device: Any, precision: str) -> dict[str, CodeGrids]:
-    vqvae = prepare_module(load_vqvae(run_dir)[0], device, precision)
-    return {split: code_grids(run_dir, data_dir, split, vqvae, device=device, precision=precision)
+def _all_code_grids(run_dir: Path, data_dir: Path, device: str, precision: str) -> dict[str, CodeGrids]:
+    vqvae, _, torch_device, precision = _ready_vqvae(run_dir, device, precision)
+    return {split: code_grids(run_dir, data_dir, split, vqvae, device=torch_device, precision=precision)
             for split in ("train", "validate", "test")}
 
 
@@ -284,6 +281,16 @@ def demo(run_dir: str | Path = "runs/demo", *, minutes: float = 20.0, seed: int 
     results["samples"] = evaluate_samples(run_dir, seed=seed)
     results["report"] = str(write_report(run_dir))
     return results
+
+
+def _ready_vqvae(run_dir: Path, device: str, precision: str | None) -> tuple[VQVAE, dict[str, Any], torch.device, str]:
+    """The run's best VQ-VAE on `device`, in `precision` (default: the one it was trained with).
+
+    Returns (model, checkpoint metadata, torch device, precision)."""
+    model, metadata = load_vqvae(run_dir)
+    precision = precision or read_run_config(run_dir)[1].precision
+    torch_device = resolve_device(device)
+    return prepare_module(model, torch_device, precision), metadata, torch_device, precision
 
 
 def _save_reconstruction_grid(model: VQVAE, dataset: SliceDataset, path: Path, device: Any,

@@ -242,7 +242,8 @@ def run_train_prior(args: argparse.Namespace) -> None:
     else:
         given.setdefault("max_minutes", PRIOR_MINUTES)
         model_options = {"channels": args.channels, "layers": args.layers}
-        prior_config = PixelCNNConfig(codebook_size=read_run_config(args.run)[0].codebook_size,
+        vqvae_config = read_run_config(args.run)[0]
+        prior_config = PixelCNNConfig(codebook_size=vqvae_config.codebook_size, grid_size=vqvae_config.grid_size,
                                       conditional=not args.unconditional,
                                       **{name: value for name, value in model_options.items() if value is not None})
         results = api.train_prior(args.run, data_dir=args.data, prior_config=prior_config,

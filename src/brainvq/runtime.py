@@ -7,6 +7,8 @@ on CUDA it is bf16 autocast with TF32 matmuls. fp32 stays available everywhere (
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import random
 
 import numpy as np
@@ -53,3 +55,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def machine_description() -> str:
+    """CPU model and usable cores (and the GPU, when one is used), for benchmark and run records."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    description = f"{model}, {cores} cores"
+    if torch.cuda.is_available():
+        description += f", {torch.cuda.get_device_name()}"
+    return description

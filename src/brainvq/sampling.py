@@ -59,6 +59,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
     device = next(model.parameters()).device
     channels, reach, depth = model.config.channels, model.reach, len(model.layers)
     conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]
+    locations = model.location_maps()  # [layers, 2C, G, G]
     codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
     # Embedded codes and each layer's vertical-stack input, zero-padded `reach` above and on both sides,
     # exactly as the full forward pass pads them; row r of the grid is row r + reach of these buffers.
@@ -77,8 +78,8 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
             v_features = layer.vertical(vertical[index][:, :, row:row + reach + 1])  # [B, 2C, 1, G]
             links.append(layer.link(v_features)[:, :, 0])
             if index + 1 < depth:
-                vertical[index + 1][:, :, row + reach, reach:reach + size] = gate(
-                    v_features + conditioning[index][:, :, None, None])[:, :, 0]
+                bias = conditioning[index][:, :, None, None] + locations[index][:, row:row + 1]
+                vertical[index + 1][:, :, row + reach, reach:reach + size] = gate(v_features + bias)[:, :, 0]
         # Horizontal stacks, position by position; h_rows[i] holds layer i's input on this row, padded left.
         h_rows = [torch.zeros(batch, channels, size + reach, device=device) for _ in range(depth + 1)]
         for column in range(size):
@@ -89,7 +90,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
                 h_rows[index][:, :, column + reach] = h
                 h_window = h_rows[index][:, :, column:column + reach + 1].reshape(batch, -1)
                 h_features = h_window @ horizontal_weights[index] + layer.horizontal.bias + links[index][:, :, column]
-                h_gated = gate(h_features + conditioning[index])
+                h_gated = gate(h_features + conditioning[index] + locations[index][:, row, column])
                 h = h + F.linear(h_gated, layer.residual.weight[:, :, 0, 0], layer.residual.bias)
                 skip = skip + F.linear(h_gated, layer.skip.weight[:, :, 0, 0], layer.skip.bias)
             logits = model.head(skip[:, :, None, None])[:, :, 0, 0]

@@ -25,8 +25,9 @@ def input_gradients(model: GatedPixelCNN, codes: torch.Tensor, row: int, column:
 @pytest.mark.parametrize(("kernel_size", "layers", "size"), [(3, 3, 5), (5, 2, 6)])
 def test_each_output_sees_every_earlier_position_and_nothing_later(kernel_size, layers, size):
     torch.manual_seed(0)
-    config = PixelCNNConfig(codebook_size=6, channels=8, layers=layers, kernel_size=kernel_size)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=layers, kernel_size=kernel_size, grid_size=size)
     model = GatedPixelCNN(config).double()
+    torch.nn.init.normal_(model.location_projection.weight)  # a trained location map must not leak either
     # The grid is small enough for the receptive field, (kernel_size // 2) * (layers + 1) positions in each
     # direction, to cover it: every earlier position must then have a non-zero gradient (no blind spot).
     assert (kernel_size // 2) * (layers + 1) >= size - 1
@@ -41,7 +42,7 @@ def test_each_output_sees_every_earlier_position_and_nothing_later(kernel_size, 
 
 def test_output_shape_and_slice_conditioning_changes_the_logits():
     torch.manual_seed(0)
-    model = GatedPixelCNN(PixelCNNConfig(codebook_size=6, channels=8, layers=2))
+    model = GatedPixelCNN(PixelCNNConfig(codebook_size=6, channels=8, layers=2, grid_size=4))
     torch.nn.init.normal_(model.conditioning.weight)
     codes = torch.randint(0, 6, (2, 4, 4))
     logits = model(codes, torch.tensor([0, 0]))
@@ -50,12 +51,27 @@ def test_output_shape_and_slice_conditioning_changes_the_logits():
 
 
 def test_unconditional_model_ignores_positions_and_bad_positions_are_refused():
-    model = GatedPixelCNN(PixelCNNConfig(codebook_size=6, channels=8, layers=2, conditional=False))
+    model = GatedPixelCNN(PixelCNNConfig(codebook_size=6, channels=8, layers=2, conditional=False, grid_size=4))
     codes = torch.randint(0, 6, (2, 4, 4))
     assert torch.equal(model(codes, torch.tensor([0, 31])), model(codes, None))
-    conditional = GatedPixelCNN(PixelCNNConfig(codebook_size=6, channels=8, layers=2))
+    conditional = GatedPixelCNN(PixelCNNConfig(codebook_size=6, channels=8, layers=2, grid_size=4))
     with pytest.raises(ConfigError, match=r"0\.\.31"):
         conditional(codes, torch.tensor([0, 32]))
+    with pytest.raises(ConfigError, match="this prior models 4x4"):
+        conditional(torch.zeros(1, 5, 5, dtype=torch.int64))
+
+
+def test_the_location_map_makes_the_logits_depend_on_where_a_position_is():
+    torch.manual_seed(0)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=1, kernel_size=3, grid_size=16, conditional=False)
+    model = GatedPixelCNN(config)
+    # The same code everywhere, and two positions whose receptive fields (2 positions each way) stay off the
+    # zero padding: only their location tells them apart.
+    codes = torch.zeros(1, 16, 16, dtype=torch.int64)
+    assert torch.allclose(model(codes)[0, :, 8, 6], model(codes)[0, :, 8, 9])  # zero-initialised projection
+    torch.nn.init.normal_(model.location_projection.weight)
+    logits = model(codes)
+    assert not torch.allclose(logits[0, :, 8, 6], logits[0, :, 8, 9])
 
 
 def test_invalid_config_is_refused():

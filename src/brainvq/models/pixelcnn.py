@@ -10,6 +10,11 @@ The first layer reads the embedded codes with kernels that exclude the current r
 layers use kernels that include the current row/column of the previous layer's features, which are already
 causal. Because v covers the whole triangle above (not just a cone), there is no blind spot.
 
+Each gated layer adds a conditioning bias before its gates: a learnt vector per slice position (so a user can
+ask for "slice 20") plus a learnt map over grid locations (the location-dependent conditioning of van den Oord
+et al.). Neither depends on the codes, so causality holds; the map lets a small receptive field know where in
+the slice it is, which is what places the brain's outline.
+
 All padding is explicit (`_pad_above`, `_pad_left`), so the same convolutions can be evaluated on a small
 window of rows or columns; `models/fast_sampling.py` relies on this to sample one position at a time without
 recomputing the grid.
@@ -34,6 +39,8 @@ class PixelCNNConfig:
     kernel_size: int = 5  # odd; each layer reaches kernel_size // 2 further up, left and right
     conditional: bool = True  # condition on the slice position
     positions: int = 32  # number of slice positions (OASIS: 32 slices per case)
+    grid_size: int = 64  # side of the code grids (the VQ-VAE's image size / downsample)
+    location_channels: int = 16  # learnt location map (0: none); tells each layer where in the grid it is
 
     def validate(self) -> None:
         checks = {
@@ -42,10 +49,13 @@ class PixelCNNConfig:
             "layers": self.layers >= 1,
             "kernel_size": self.kernel_size >= 3 and self.kernel_size % 2 == 1,
             "positions": self.positions >= 1,
+            "grid_size": self.grid_size >= 1,
+            "location_channels": self.location_channels >= 0,
         }
         for key, ok in checks.items():
             if not ok:
-                raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid (kernel_size: odd >= 3; others >= 1)")
+                raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid (kernel_size: odd >= 3; "
+                                  "location_channels >= 0; others >= 1)")
 
 
 def _pad_above(x: torch.Tensor, rows: int, side: int) -> torch.Tensor:
@@ -77,9 +87,8 @@ class GatedLayer(nn.Module):
         self.skip = nn.Conv2d(channels, channels, 1)
 
     def forward(self, v: torch.Tensor, h: torch.Tensor,
-                conditioning: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """v, h [B, C, G, G] -> (new v, new h, skip contribution), each [B, C, G, G]."""
-        bias = conditioning[:, :, None, None]
+                bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """v, h [B, C, G, G], bias [B, 2C, G, G] (or broadcastable) -> (new v, new h, skip), each [B, C, G, G]."""
         v_features = self.vertical(_pad_above(v, self.reach, self.reach))
         h_features = self.horizontal(_pad_left(h, self.reach)) + self.link(v_features)
         h_gated = gate(h_features + bias)
@@ -102,6 +111,10 @@ class GatedPixelCNN(nn.Module):
         conditions = self.config.positions if self.config.conditional else 1
         self.conditioning = nn.Embedding(conditions, 2 * channels * self.config.layers)
         nn.init.zeros_(self.conditioning.weight)
+        size, location_channels = self.config.grid_size, self.config.location_channels
+        self.location = nn.Parameter(torch.randn(location_channels, size, size))
+        self.location_projection = nn.Conv2d(location_channels, 2 * channels * self.config.layers, 1, bias=False)
+        nn.init.zeros_(self.location_projection.weight)  # starts as no bias at all; learnt from there
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
                                   nn.Conv2d(channels, self.config.codebook_size, 1))
 
@@ -113,6 +126,13 @@ class GatedPixelCNN(nn.Module):
             raise ConfigError(f"slice positions must be in 0..{self.config.positions - 1}")
         return self.conditioning(positions).view(batch, self.config.layers, -1).transpose(0, 1)
 
+    def location_maps(self) -> torch.Tensor:
+        """Per-layer location biases [layers, 2C, G, G] (zeros when location_channels is 0)."""
+        size, layers = self.config.grid_size, self.config.layers
+        if self.config.location_channels == 0:
+            return torch.zeros(layers, 2 * self.config.channels, size, size, device=self.location.device)
+        return self.location_projection(self.location.unsqueeze(0)).view(layers, -1, size, size)
+
     def first_stacks(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """codes [B, G, G] -> (v, h) [B, C, G, G] of the first layer, strictly above / strictly left."""
         size = codes.shape[-1]
@@ -123,10 +143,14 @@ class GatedPixelCNN(nn.Module):
 
     def forward(self, codes: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """codes [B, G, G] int64, positions [B] int64 or None -> logits [B, K, G, G]."""
+        if codes.shape[-1] != self.config.grid_size or codes.shape[-2] != self.config.grid_size:
+            raise ConfigError(f"code grids are {tuple(codes.shape[-2:])}, this prior models "
+                              f"{self.config.grid_size}x{self.config.grid_size}")
         conditioning = self.condition_vectors(positions, codes.shape[0], codes.device)
+        locations = self.location_maps()
         v, h = self.first_stacks(codes)
         skip = torch.zeros_like(h)
-        for layer, bias in zip(self.layers, conditioning, strict=True):
-            v, h, contribution = layer(v, h, bias)
+        for layer, vector, location in zip(self.layers, conditioning, locations, strict=True):
+            v, h, contribution = layer(v, h, vector[:, :, None, None] + location)
             skip = skip + contribution
         return self.head(skip)
