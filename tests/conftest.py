@@ -1,4 +1,5 @@
 import pytest
+
 from brainvq.data.demo import make_demo_cohort
 
 
