@@ -52,10 +52,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    torch.manual_seed(0)
-    model = GatedPixelCNN(PixelCNNConfig()).eval().to(device)
     results = []
     for grid_size in args.grid_sizes:
+        torch.manual_seed(0)
+        model = GatedPixelCNN(PixelCNNConfig(grid_size=grid_size)).eval().to(device)
         fast = fast_seconds(model, grid_size, args.batch_size)
         per_position = naive_seconds_per_position(model, grid_size, args.batch_size, args.naive_positions)
         naive = per_position * grid_size**2

@@ -1,10 +1,14 @@
 """The generation half end to end on the tiny cohort: code grids -> prior -> samples -> evaluation -> report."""
 
 import json
+import shutil
+import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from brainvq import api
 from brainvq.cli import main
@@ -107,3 +111,15 @@ def test_evaluate_samples_then_report(trained_run, tiny_cohort):
     # curves, codebook histogram, reconstructions, sample grid, samples by position
     assert counter.embedded == 5 and counter.external == []
     assert "No " not in page.read_text()  # every section found its inputs
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(trained_run, tmp_path):
+    write_report(trained_run)
+    screenshot = tmp_path / "report.png"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "screenshot_report.sh"
+    subprocess.run(["bash", str(script), str(trained_run), str(screenshot)], check=True, capture_output=True,
+                   timeout=120)
+    pixels = np.asarray(Image.open(screenshot).convert("L"))
+    assert pixels.shape[1] == 1200
+    assert pixels.std() > 10  # text, plots and brains, not a blank page

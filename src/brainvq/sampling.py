@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from brainvq.errors import ConfigError
 from brainvq.models.pixelcnn import GatedPixelCNN, gate
 
 
@@ -56,6 +57,9 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
                 temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """uniforms [B, G, G] -> code grids [B, G, G], computing only what each new code changes."""
     batch, size, _ = uniforms.shape
+    if size != model.config.grid_size:
+        raise ConfigError(f"cannot sample {size}x{size} grids from a prior of {model.config.grid_size}x"
+                          f"{model.config.grid_size} grids")
     device = next(model.parameters()).device
     channels, reach, depth = model.config.channels, model.reach, len(model.layers)
     conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]

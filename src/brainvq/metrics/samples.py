@@ -119,7 +119,7 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)) for feature sets [N, D] and [M, D]."""
     mu_a, mu_b = features_a.mean(0), features_b.mean(0)
     cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    root, _ = scipy.linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(root).all():  # a singular product: nudge both covariances, as FID implementations do
         offset = np.eye(len(cov_a)) * 1e-6
         root = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from brainvq.metrics.samples import (
+    c2st_auc,
+    fid,
+    frechet_distance,
+    mean_pairwise_ms_ssim,
+    nearest_ssim,
+    roc_auc,
+)
+
+
+def discs(count: int, seed: int, brightness: float = 0.8, size: int = 192) -> torch.Tensor:
+    """Bright discs of random radius and position on black, [count, 1, size, size]."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.arange(size).float()
+    y, x = torch.meshgrid(grid, grid, indexing="ij")
+    centres = size / 2 + (torch.rand(count, 2, generator=generator) - 0.5) * size / 4
+    radii = size / 5 + torch.rand(count, generator=generator) * size / 8
+    inside = (y - centres[:, 0, None, None]) ** 2 + (x - centres[:, 1, None, None]) ** 2 < radii[:, None, None] ** 2
+    return (inside.float() * brightness).unsqueeze(1)
+
+
+def test_roc_auc_of_perfect_reversed_and_tied_scores():
+    labels = torch.tensor([1, 1, 0, 0])
+    assert roc_auc(torch.tensor([0.9, 0.8, 0.2, 0.1]), labels) == 1.0
+    assert roc_auc(torch.tensor([0.1, 0.2, 0.8, 0.9]), labels) == 0.0
+    assert roc_auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
+
+
+def test_c2st_tells_different_sets_apart_and_not_alike_ones():
+    real = discs(40, seed=0)
+    different = discs(40, seed=1, brightness=0.3)  # same shapes, much darker: an easy tell
+    alike = discs(40, seed=2)
+    assert c2st_auc(real, different, epochs=15)["auc"] > 0.9
+    assert abs(c2st_auc(real, alike, epochs=15)["auc"] - 0.5) < 0.25
+
+
+def test_pairwise_ms_ssim_is_one_for_copies_and_lower_for_varied_images():
+    copies = discs(1, seed=0).expand(5, -1, -1, -1)
+    assert mean_pairwise_ms_ssim(copies) == pytest.approx(1.0, abs=1e-5)
+    assert mean_pairwise_ms_ssim(discs(6, seed=0)) < 0.95
+
+
+def test_nearest_ssim_finds_a_copied_training_image():
+    train = (discs(30, seed=3).squeeze(1).numpy() * 255).round().astype(np.uint8)
+    copied = torch.from_numpy(train[[7, 21]].astype(np.float32) / 255).unsqueeze(1)
+    new = discs(2, seed=4, brightness=0.5)
+    nearest = nearest_ssim(torch.cat([copied, new]), train)
+    assert nearest[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert (nearest[2:] < 0.999).all()
+
+
+def test_frechet_distance_of_gaussians_with_shifted_means():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(4000, 3))
+    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+    shifted = features + np.array([3.0, 0.0, 4.0])  # same covariance: the distance is |shift|^2 = 25
+    assert frechet_distance(features, shifted) == pytest.approx(25.0, rel=1e-6)
+
+
+def test_fid_with_a_tiny_feature_extractor():
+    extractor = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten())  # [B, 1, H, W] -> [B, 16]
+    real, alike, darker = discs(64, seed=0), discs(64, seed=1), discs(64, seed=2, brightness=0.4)
+    assert fid(real, real, extractor) == pytest.approx(0.0, abs=1e-6)
+    assert fid(real, alike, extractor) < fid(real, darker, extractor)
