@@ -61,18 +61,8 @@ def train_vqvae(data_dir: str | Path, run_dir: str | Path, *, model_config: VQVA
     with `resume_overrides` (e.g. a larger `epochs`) applied to the training config.
     """
     run_dir = Path(run_dir)
-    if resume:
-        model_config, saved = read_run_config(run_dir)
-        train_config = resumed_train_config(saved, resume_overrides or {}, run_dir)
-    else:
-        if (run_dir / CONFIG_FILE).exists():
-            raise ConfigError("already holds a training run; pass --resume to continue it or choose a new "
-                              "output folder", run_dir)
-        model_config = model_config or VQVAEConfig()
-        train_config = train_config or TrainConfig()
-        train_config = dataclasses.replace(train_config, data_dir=str(Path(data_dir).resolve()))
-        model_config.validate()
-        train_config.validate()
+    model_config, train_config = _run_settings(run_dir, VQVAEConfig, model_config or VQVAEConfig(), train_config,
+                                               resume=resume, overrides=resume_overrides, data_dir=data_dir)
     train_set = SliceDataset(load_split(data_dir, "train", progress=progress))
     validation_set = SliceDataset(load_split(data_dir, "validate", progress=progress))
     device = resolve_device(train_config.device)
@@ -127,22 +117,14 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
     prior_dir = run_dir / PRIOR_FOLDER
     vqvae_config, vqvae_train = read_run_config(run_dir)
     data_dir = Path(data_dir or vqvae_train.data_dir)
-    if resume:
-        prior_config, saved = read_run_config(prior_dir, PixelCNNConfig)
-        train_config = resumed_train_config(saved, resume_overrides or {}, prior_dir)
-    else:
-        if (prior_dir / CONFIG_FILE).exists():
-            raise ConfigError("already holds a trained prior; pass --resume to continue it", prior_dir)
-        prior_config = prior_config or PixelCNNConfig(codebook_size=vqvae_config.codebook_size,
-                                                      grid_size=vqvae_config.grid_size)
-        for name, vqvae_value in (("codebook_size", vqvae_config.codebook_size),
-                                  ("grid_size", vqvae_config.grid_size)):
-            if getattr(prior_config, name) != vqvae_value:
-                raise ConfigError(f"prior {name} {getattr(prior_config, name)} differs from the VQ-VAE's "
-                                  f"{vqvae_value}", run_dir / CONFIG_FILE)
-        train_config = dataclasses.replace(train_config or TrainConfig(), data_dir=str(data_dir.resolve()))
-        prior_config.validate()
-        train_config.validate()
+    prior_config = prior_config or PixelCNNConfig(codebook_size=vqvae_config.codebook_size,
+                                                  grid_size=vqvae_config.grid_size)
+    prior_config, train_config = _run_settings(prior_dir, PixelCNNConfig, prior_config, train_config, resume=resume,
+                                               overrides=resume_overrides, data_dir=data_dir)
+    for name, vqvae_value in (("codebook_size", vqvae_config.codebook_size), ("grid_size", vqvae_config.grid_size)):
+        if getattr(prior_config, name) != vqvae_value:
+            raise ConfigError(f"prior {name} {getattr(prior_config, name)} differs from the VQ-VAE's "
+                              f"{vqvae_value}", run_dir / CONFIG_FILE)
     grids = _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision)
     device = resolve_device(train_config.device)
     seed_everything(train_config.seed)
@@ -160,6 +142,24 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
                 "codebook_size": vqvae_config.codebook_size}
     save_json(prior_dir / "eval_prior.json", results)
     return results
+
+
+def _run_settings(folder: Path, model_class: type, model_config: Any, train_config: TrainConfig | None, *,
+                  resume: bool, overrides: dict[str, Any] | None, data_dir: str | Path) -> tuple[Any, TrainConfig]:
+    """(model config, training config) of a training run in `folder`.
+
+    On resume: the run's own saved settings, of which only how long to train may be changed by `overrides`.
+    Otherwise: the given settings, validated, refusing to overwrite a run that is already there."""
+    if resume:
+        model_config, saved = read_run_config(folder, model_class)
+        return model_config, resumed_train_config(saved, overrides or {}, folder)
+    if (folder / CONFIG_FILE).exists():
+        raise ConfigError("already holds a training run; pass --resume to continue it or choose a new "
+                          "output folder", folder)
+    train_config = dataclasses.replace(train_config or TrainConfig(), data_dir=str(Path(data_dir).resolve()))
+    model_config.validate()
+    train_config.validate()
+    return model_config, train_config
 
 
 def _all_code_grids(run_dir: Path, data_dir: Path, device: str, precision: str) -> dict[str, CodeGrids]:
