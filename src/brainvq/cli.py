@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_run = commands.add_parser("demo", help="the whole job on the embedded default data, end to end")
     demo_run.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     demo_run.add_argument("--minutes", type=positive_float, default=20.0,
-                          help="training budget in minutes, 60%% VQ-VAE and 40%% prior (default 20)")
+                          help="training budget in minutes, 35%% VQ-VAE and 65%% prior (default 20)")
     demo_run.add_argument("--seed", type=int, default=0)
     demo_run.set_defaults(handler=run_demo)
     return parser
