@@ -126,3 +126,21 @@ def test_data_check_exits_non_zero_naming_the_problem_file(tiny_cohort, tmp_path
     problems = capsys.readouterr().err.strip().splitlines()
     assert problems and all(line.startswith("brainvq: problem: ") for line in problems)
     assert any(named in line for line in problems), problems
+
+
+def test_data_from_volumes_writes_the_oasis_layout_and_check_accepts_it(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    source = tmp_path / "my scans ü"  # spaces and non-ASCII in the path
+    source.mkdir()
+    grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, n) for n in (40, 48, 36)), indexing="ij"))
+    for subject in range(3):
+        head = ((grid**2).sum(0) < 0.6 + 0.1 * subject).astype(np.float32) * (100 + 50 * grid[2])
+        nib.save(nib.Nifti1Image(head, np.diag([1.2, 1.0, 1.1, 1.0])), source / f"sub-{subject}.nii.gz")
+    out = tmp_path / "slices"
+    assert main(["data", "from-volumes", str(source), "--out", str(out)]) == 0
+    assert main(["data", "check", str(out)]) == 0
+    written = sorted((out / "keras_png_slices_train").iterdir()) + sorted((out / "keras_png_slices_test").iterdir())
+    assert len(written) % 32 == 0 and written
+    assert (out / "cases.tsv").exists()
