@@ -229,7 +229,11 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     test, train = load_split(data_dir, "test"), load_split(data_dir, "train")
     # Real test slices at the same slice positions as the samples, so that the comparison is like for like.
     rng = np.random.default_rng(seed)
-    chosen = [rng.choice(np.flatnonzero(test.slice_indices == position)) for position in positions.tolist()]
+    chosen = []
+    for position in positions.tolist():
+        matching = np.flatnonzero(test.slice_indices == position)
+        # A folder whose slice indices do not cover 0..31 falls back to any test slice.
+        chosen.append(rng.choice(matching if len(matching) else np.arange(len(test.images))))
     real = torch.from_numpy(test.images[np.sort(chosen)].astype(np.float32) / 255).unsqueeze(1)
     nearest_generated = nearest_ssim(generated, train.images)
     nearest_real = nearest_ssim(real, train.images)
