@@ -107,7 +107,7 @@ def test_load_png_raises_data_error_for_unreadable_files(tmp_path, content):
     if content is not None:
         path.write_bytes(content)
 
-    with pytest.raises(DataError, match="cannot read image") as caught:
+    with pytest.raises(DataError, match="cannot decode the image") as caught:
         load_png(path)
     assert caught.value.path == path
 
@@ -117,5 +117,17 @@ def test_load_png_raises_data_error_for_a_cut_off_png(tmp_path):
     save_png(np.random.default_rng(2).integers(0, 256, size=(64, 64), dtype=np.uint8), path)
     path.write_bytes(path.read_bytes()[:-200])
 
-    with pytest.raises(DataError, match="cannot read image"):
+    with pytest.raises(DataError, match="cannot decode the image"):
         load_png(path)
+
+
+def test_load_png_scales_16_bit_images_over_their_full_range(tmp_path):
+    values = np.arange(256 * 256, dtype=np.uint16).reshape(256, 256)  # every 16-bit level once
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+
+    loaded = load_png(path)
+
+    # Scaled by the maximum (65535 -> 255), not clipped at 255: level v becomes round(v / 257).
+    np.testing.assert_array_equal(loaded, np.rint(values / 257).astype(np.uint8))
+    assert len(np.unique(loaded)) == 256

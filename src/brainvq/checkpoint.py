@@ -9,12 +9,13 @@ weights and metadata out of step. safetensors parses a fixed binary header and r
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from brainvq.atomic import atomic_path
@@ -34,14 +35,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """Read a checkpoint written by `save_checkpoint`: (tensors on CPU, metadata)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError("checkpoint file does not exist", path)
+        raise CheckpointError("checkpoint file does not exist" if not path.exists() else "not a file", path)
     try:
-        tensors = load_file(str(path), device="cpu")
-        with open(path, "rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_length))
-        metadata = json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "null"))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            stored = handle.metadata() or {}
+            names = handle.keys()  # safe_open is no mapping: iterating it directly is not supported
+            tensors = {name: handle.get_tensor(name) for name in names}
+        metadata = json.loads(stored.get(METADATA_KEY, "null"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:  # RecursionError is a RuntimeError
         raise CheckpointError(f"not a valid safetensors checkpoint ({_first_line(error)})", path) from None
     if not isinstance(metadata, dict):
         raise CheckpointError("safetensors file has no brainvq metadata; not a brainvq checkpoint", path)
@@ -87,20 +88,84 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") 
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict,
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: Any,
                       prefix: str = "optim.", source: str | Path = "checkpoint") -> None:
-    """Inverse of `optimizer_tensors`."""
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        if name.startswith(prefix):
-            param_id, key = name[len(prefix):].split(".", 1)
-            state.setdefault(int(param_id), {})[key] = tensor
-    for param_id, values in saved.get("scalars", {}).items():
-        state.setdefault(int(param_id), {}).update(values)
+    """Inverse of `optimizer_tensors`, refusing state that does not fit the optimizer's parameters.
+
+    A tampered or foreign checkpoint would otherwise load silently and fail (or train on NaN) at the next
+    optimizer step: every parameter must have the same state entries, and each entry must be finite and either
+    a scalar for every parameter or shaped like each parameter (see `_entry_problem`).
+    """
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-    except (KeyError, ValueError, TypeError) as error:
+        state: dict[int, dict[str, Any]] = {}
+        for name, tensor in tensors.items():
+            if name.startswith(prefix):
+                param_id, key = name[len(prefix):].split(".", 1)
+                state.setdefault(int(param_id), {})[key] = tensor
+        for param_id, values in saved.get("scalars", {}).items():
+            state.setdefault(int(param_id), {}).update(values)
+        groups = saved["param_groups"]
+        if problem := _param_groups_problem(groups, optimizer.state_dict()["param_groups"]):
+            raise CheckpointError(f"optimizer state does not fit this model: {problem}", source)
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (AttributeError, KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"optimizer state does not fit this model ({_first_line(error)})", source) from None
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    states = [optimizer.state.get(param, {}) for param in params]
+    if len({frozenset(state) for state in states}) > 1:
+        raise CheckpointError("optimizer state is incomplete: its parameters do not all have the same entries",
+                              source)
+    for key in states[0] if states else ():
+        if problem := _entry_problem([state[key] for state in states], params):
+            raise CheckpointError(f"optimizer state {key} {problem}", source)
+
+
+def _param_groups_problem(saved: Any, current: list[dict[str, Any]]) -> str | None:
+    """What makes saved param_groups unusable for an optimizer whose own groups are `current`, if anything.
+
+    Numeric hyper-parameters both have (lr, betas, eps...) must be finite numbers; the others (amsgrad, fused,
+    foreach...) select the algorithm and the state it keeps, so they must be equal. Keys only one of them has
+    are left to torch, so that a checkpoint of another torch version still loads.
+    """
+    if not isinstance(saved, list) or len(saved) != len(current) or not all(isinstance(g, dict) for g in saved):
+        return f"expected {len(current)} parameter group(s)"
+    for saved_group, group in zip(saved, current, strict=True):
+        params = saved_group.get("params")
+        if not isinstance(params, list) or len(params) != len(group["params"]) or not all(
+                type(param_id) is int for param_id in params):
+            return f"expected {len(group['params'])} parameter ids per group"
+        for key in saved_group.keys() & group.keys() - {"params"}:
+            if not _same_kind(saved_group[key], group[key]):
+                return f"{key} is {saved_group[key]!r} where this optimizer has {group[key]!r}"
+    return None
+
+
+def _same_kind(saved: Any, current: Any) -> bool:
+    if isinstance(current, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(current) and all(map(_same_kind, saved, current))
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    return type(saved) is type(current) and saved == current
+
+
+def _entry_problem(values: list[Any], params: list[torch.Tensor]) -> str | None:
+    """What is wrong with one optimizer state entry (e.g. exp_avg) across all parameters, if anything.
+
+    It must be a finite number for every parameter, a floating point scalar tensor for every parameter (Adam's
+    step), or a tensor of each parameter's shape and dtype (Adam's moments).
+    """
+    if all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
+        return None if all(math.isfinite(value) for value in values) else "holds NaN or infinite values"
+    if not all(isinstance(value, torch.Tensor) for value in values):
+        return "mixes numbers and tensors"
+    scalars = all(value.dim() == 0 and value.is_floating_point() for value in values)
+    shaped = all(value.shape == param.shape and value.dtype == param.dtype
+                 for value, param in zip(values, params, strict=True))
+    if not (scalars or shaped):
+        return "is neither a float scalar nor shaped like its parameter for every parameter"
+    if not all(torch.isfinite(value).all() for value in values):
+        return "holds NaN or infinite values"
+    return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from brainvq import __version__
+from brainvq.config import MAX_SEED
 from brainvq.errors import BrainVQError
 
 
@@ -31,19 +32,30 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, not {text}")
+    return value
+
+
+def number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+
+
+def positive_float(text: str) -> float:
+    value = number(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, not {text}")
     return value
 
 
 def minutes(text: str) -> float:
-    """--max-minutes: a positive number, or 0 for no time limit."""
-    return 0.0 if text.strip() in ("0", "0.0") else positive_float(text)
+    """--max-minutes: a positive number, or 0 (written any way: 0, 0.0, 0e0) for no time limit."""
+    return 0.0 if number(text) == 0 else positive_float(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,13 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-cases", type=positive_int, default=None, help="cases in the train split")
     demo.add_argument("--val-cases", type=positive_int, default=None, help="cases in the validate split")
     demo.add_argument("--test-cases", type=positive_int, default=None, help="cases in the test split")
-    demo.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    demo.add_argument("--seed", type=seed, default=0, help="same seed, same bytes (default 0)")
     demo.set_defaults(handler=run_data_demo)
 
     volumes = data_commands.add_parser("from-volumes", help="slice NIfTI/Analyze volumes into the OASIS layout")
     volumes.add_argument("source", type=Path, help="a volume file or a folder searched for .nii/.nii.gz/.hdr")
     volumes.add_argument("--out", type=Path, required=True, help="new folder to write")
-    volumes.add_argument("--seed", type=int, default=0, help="seed of the subject -> split assignment")
+    volumes.add_argument("--seed", type=seed, default=0, help="seed of the subject -> split assignment")
     volumes.set_defaults(handler=run_data_from_volumes)
 
     check = data_commands.add_parser("check", help="check a data folder: counts, splits, sizes, modes")
@@ -107,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("run", type=Path, help="run folder with a trained VQ-VAE and prior")
     sampling.add_argument("--n", type=positive_int, default=16, help="number of samples (default 16)")
     sampling.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
-    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--seed", type=seed, default=0)
     sampling.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature (> 0)")
     sampling.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codes")
     sampling.add_argument("--slice", type=non_negative_int, default=None, dest="slice_position", metavar="S",
@@ -122,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_evaluation.add_argument("run", type=Path, help="run folder with a trained VQ-VAE and prior")
     sample_evaluation.add_argument("--data", type=Path, help="data folder (default: the VQ-VAE's)")
     sample_evaluation.add_argument("--n", type=positive_int, default=64, help="samples to generate (default 64)")
-    sample_evaluation.add_argument("--seed", type=int, default=0)
+    sample_evaluation.add_argument("--seed", type=seed, default=0)
     sample_evaluation.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     sample_evaluation.set_defaults(handler=run_evaluate_samples)
 
@@ -134,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_run.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     demo_run.add_argument("--minutes", type=positive_float, default=20.0,
                           help="training budget in minutes, 35%% VQ-VAE and 65%% prior (default 20)")
-    demo_run.add_argument("--seed", type=int, default=0)
+    demo_run.add_argument("--seed", type=seed, default=0)
     demo_run.set_defaults(handler=run_demo)
     return parser
 
@@ -150,7 +162,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, *, epochs_default: 
     parser.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="bf16 autocast (default) or fp32")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when present")
-    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue the run from its last finished epoch")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch line")
 

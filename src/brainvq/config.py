@@ -21,6 +21,16 @@ from brainvq.errors import ConfigError
 
 T = TypeVar("T")
 
+# Upper bounds of the network's sizes, well above any useful value (the defaults are 256, 128 and 2): they turn
+# a tampered or mistyped config.json into a ConfigError instead of an attempt to allocate gigabytes of weights
+# (at these bounds the VQ-VAE has about 100M weights, 400 MB).
+MAX_IMAGE_SIZE = 4096
+MAX_WIDTH = 512
+MAX_RESIDUAL_BLOCKS = 16
+# Seeds must suit every generator they feed: NumPy's legacy seeding, SeedSequence (no negative seeds) and torch
+# (64 bits, after the training loop derives per-epoch seeds from them).
+MAX_SEED = 2**32 - 1
+
 
 @dataclass(frozen=True)
 class VQVAEConfig:
@@ -42,10 +52,14 @@ class VQVAEConfig:
         _require(self.downsample in (2, 4, 8, 16), "downsample", "must be 2, 4, 8 or 16")
         _require(self.image_size > 0 and self.image_size % self.downsample == 0, "image_size",
                  "must be a positive multiple of downsample")
+        _require(self.image_size <= MAX_IMAGE_SIZE, "image_size", f"must be <= {MAX_IMAGE_SIZE}")
         for name in ("channels", "residual_channels", "codebook_size", "code_dim"):
             _require(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("channels", "residual_channels", "code_dim"):
+            _require(getattr(self, name) <= MAX_WIDTH, name, f"must be <= {MAX_WIDTH}")
         _require(self.channels % 2 == 0, "channels", "must be even")
-        _require(self.residual_blocks >= 0, "residual_blocks", "must be >= 0")
+        _require(0 <= self.residual_blocks <= MAX_RESIDUAL_BLOCKS, "residual_blocks",
+                 f"must be in 0..{MAX_RESIDUAL_BLOCKS}")
         _require(self.codebook_size <= 256, "codebook_size", "must be <= 256 (code grids are stored as uint8)")
         _require(self.beta >= 0, "beta", "must be >= 0")
         _require(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
@@ -86,6 +100,7 @@ class TrainConfig:
         _require(self.precision in ("bf16", "fp32"), "precision", "must be 'bf16' or 'fp32'")
         _require(self.device in ("auto", "cpu", "cuda"), "device", "must be 'auto', 'cpu' or 'cuda'")
         _require(self.val_images >= 1, "val_images", "must be >= 1")
+        _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}")
 
 
 def _require(condition: bool, key: str, problem: str) -> None:
@@ -143,7 +158,8 @@ def load_json(path: Path) -> dict[str, Any]:
         values = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError("file does not exist", path) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:
+        # ValueError covers malformed JSON and numbers of more than 4300 digits; RecursionError, deep nesting.
         raise ConfigError(f"not valid JSON ({error})", path) from None
     if not isinstance(values, dict):
         raise ConfigError("expected a JSON object", path)

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import Tensor
 
 from brainvq.atomic import atomic_path
-from brainvq.errors import DataError
+from brainvq.data.layout import grayscale_pixels, read_image
 
 GAP_VALUE = 128
 """Grey level of the gaps between grid tiles: mid-grey stays visible against the black around each brain."""
@@ -81,11 +81,10 @@ def save_grid(rows: Sequence[np.ndarray], path: str | Path, *, pad: int = 2) -> 
 def load_png(path: str | Path) -> np.ndarray:
     """Read an image file as a uint8 array [H, W], converting it to 8-bit grayscale if stored otherwise.
 
+    The decoding rules are those of the slice data sets (:func:`~brainvq.data.layout.grayscale_pixels`): colour
+    is converted to grayscale, and 16-bit images are scaled by their maximum rather than clipped.
+
     Raises:
-        DataError: the file is missing, unreadable, or not a complete image.
+        DataError: the file is missing, unreadable, not a complete image, or absurdly large.
     """
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("L"))
-    except OSError as exc:  # PIL reports unknown formats and truncated files as OSErrors too
-        raise DataError(f"cannot read image: {exc.strerror or 'not a valid image file'}", path) from exc
+    return grayscale_pixels(read_image(path), path)

@@ -20,12 +20,13 @@ from torch import nn
 from brainvq import __version__
 from brainvq.checkpoint import load_checkpoint, load_module_state
 from brainvq.config import TrainConfig, VQVAEConfig, from_dict, load_json, save_json, to_dict
-from brainvq.errors import ConfigError
+from brainvq.errors import CheckpointError, ConfigError
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT
 
 CONFIG_FILE = "config.json"
+CONFIG_SECTIONS = {"brainvq_version", "model", "train"}
 PRIOR_FOLDER = "prior"
 
 # Fields that define the optimisation itself: a resumed run must keep them, or it is no longer the same run.
@@ -45,6 +46,9 @@ def read_run_config(run_dir: Path, model_class: type[ModelConfig] = VQVAEConfig)
     missing = {"model", "train"} - set(values)
     if missing:
         raise ConfigError(f"missing section(s) {', '.join(sorted(missing))}", path)
+    unknown = set(values) - CONFIG_SECTIONS
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}", path)
     return from_dict(model_class, values["model"], source=path), from_dict(TrainConfig, values["train"], source=path)
 
 
@@ -65,7 +69,10 @@ def _load_model(run_dir: Path, model_class: type[nn.Module], config_class: type,
     path = Path(run_dir) / (BEST_CHECKPOINT if checkpoint == "best" else LAST_CHECKPOINT)
     tensors, metadata = load_checkpoint(path)
     model = model_class(model_config)
-    load_module_state(model, tensors, prefix="model.", source=path)
+    try:
+        load_module_state(model, tensors, prefix="model.", source=path)
+    except CheckpointError as error:  # most often a config.json edited, or copied from another run
+        raise CheckpointError(f"does not fit the model that {CONFIG_FILE} describes: {error.problem}", path) from None
     return model.eval(), metadata
 
 
@@ -77,5 +84,15 @@ def load_vqvae(run_dir: Path, *, checkpoint: str = "best") -> tuple[VQVAE, dict[
 
 
 def load_prior(run_dir: Path, *, checkpoint: str = "best") -> tuple[GatedPixelCNN, dict[str, Any]]:
-    """The PixelCNN prior of a run (RUN/prior), like `load_vqvae`."""
-    return _load_model(Path(run_dir) / PRIOR_FOLDER, GatedPixelCNN, PixelCNNConfig, checkpoint)
+    """The PixelCNN prior of a run (RUN/prior), like `load_vqvae`.
+
+    Refuses a prior whose codes or grid differ from the run's VQ-VAE (RUN/config.json): the VQ-VAE could not
+    decode its samples."""
+    prior_dir = Path(run_dir) / PRIOR_FOLDER
+    vqvae_config, _ = read_run_config(run_dir)
+    prior_config, _ = read_run_config(prior_dir, PixelCNNConfig)
+    for name, vqvae_value in (("codebook_size", vqvae_config.codebook_size), ("grid_size", vqvae_config.grid_size)):
+        if getattr(prior_config, name) != vqvae_value:
+            raise ConfigError(f"{name} {getattr(prior_config, name)} differs from the VQ-VAE's {vqvae_value} "
+                              f"({Path(run_dir) / CONFIG_FILE})", prior_dir / CONFIG_FILE)
+    return _load_model(prior_dir, GatedPixelCNN, PixelCNNConfig, checkpoint)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from brainvq.data import layout
 from brainvq.data.layout import (
@@ -147,6 +148,12 @@ def test_load_manifest_rejects_malformed_files(tmp_path: Path) -> None:
         out.write("path\tbytes\tsha256\na.png\t12\tabc\nb.png\ttwelve\tabc\n")
     with pytest.raises(DataError, match=r"row\.tsv\.gz: line 3 is not"):
         load_manifest(bad_row)
+    damaged = tmp_path / "damaged.tsv.gz"
+    compressed = bytearray(gzip.compress(b"path\tbytes\tsha256\n" + b"a.png\t12\tabc\n" * 1000, mtime=0))
+    compressed[30:40] = b"x" * 10
+    damaged.write_bytes(bytes(compressed))
+    with pytest.raises(DataError, match=r"damaged\.tsv\.gz: cannot read the manifest"):
+        load_manifest(damaged)
 
 
 def test_read_image_names_a_file_that_does_not_decode(tmp_path: Path) -> None:
@@ -154,6 +161,13 @@ def test_read_image_names_a_file_that_does_not_decode(tmp_path: Path) -> None:
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(DataError, match=f"^{re.escape(str(broken))}: cannot decode the image"):
         read_image(broken)
+
+
+def test_read_image_refuses_formats_other_than_the_slice_suffixes(tmp_path: Path) -> None:
+    disguised = tmp_path / "case_001_slice_0.nii.png"
+    Image.new("L", (256, 256)).save(disguised, format="GIF")  # a GIF decoder is never handed a slice file
+    with pytest.raises(DataError, match=r"cannot decode the image \(not a PNG, JPEG, TIFF or BMP file\)"):
+        read_image(disguised)
 
 
 def test_staged_layout_moves_a_complete_folder_into_place(tmp_path: Path) -> None:

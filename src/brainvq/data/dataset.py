@@ -6,10 +6,10 @@ slice by slice into ``<cache>/<key>.uint8`` (raw uint8 [N, 256, 256]) with a ``<
 it; later loads map that file without decoding. The key hashes the folder, the file names, sizes and
 modification times, so a changed folder gets a new cache.
 
-Decoding policy for images that are not 8-bit grayscale: colour (RGB, RGBA, palette...) is converted to
-grayscale with Pillow's ``convert("L")``; 16-bit, 32-bit or float grayscale is scaled so that the image's
-own maximum becomes 255 (negative values become 0). A corrupt image, or one that is not 256x256, is an error
-naming the file.
+Decoding policy for images that are not 8-bit grayscale (:func:`~brainvq.data.layout.grayscale_pixels`):
+colour (RGB, RGBA, palette...) is converted to grayscale with Pillow's ``convert("L")``; 16-bit, 32-bit or
+float grayscale is scaled so that the image's own maximum becomes 255 (negative values become 0). A corrupt
+image, or one that is not 256x256, is an error naming the file.
 """
 
 from __future__ import annotations
@@ -25,8 +25,14 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from brainvq.data.layout import IMAGE_SIZE, parse_slice_name, read_image, size_problem, split_files
-from brainvq.data.volumes import scale_to_uint8
+from brainvq.data.layout import (
+    IMAGE_SIZE,
+    grayscale_pixels,
+    parse_slice_name,
+    read_image,
+    size_problem,
+    split_files,
+)
 from brainvq.errors import DataError
 
 # Part of the cache key: bump it when decoding changes so that caches made by older code are not reused.
@@ -101,10 +107,7 @@ def read_slice(path: Path) -> np.ndarray:
     image = read_image(path)
     if problem := size_problem(image):
         raise DataError(problem, path)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        pixels = np.asarray(image, dtype=np.float32)
-        return scale_to_uint8(pixels, 0, max(float(pixels.max()), 1.0))
-    return np.asarray(image.convert("L"))
+    return grayscale_pixels(image, path)
 
 
 def _cache_key(files: list[Path]) -> str:

@@ -20,13 +20,14 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from brainvq.errors import ConfigError, DataError
 
@@ -42,9 +43,13 @@ OASIS_MANIFEST = Path(__file__).with_name("oasis_manifest.tsv.gz")
 
 _MANIFEST_HEADER = ["path", "bytes", "sha256"]
 _SLICE_NAME = re.compile(r"(?P<case>.+)_slice_(?P<index>\d+)(?:\.nii)?\.(?:png|jpe?g|tiff?|bmp)", re.IGNORECASE)
-# What Pillow raises for a file that is not a decodable image: truncated and zero-byte files give OSError
-# (UnidentifiedImageError is one), some broken PNG chunks give SyntaxError.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+# The Pillow decoders tried on a slice file: those of IMAGE_SUFFIXES only, so that a file of some other format
+# renamed to .png is refused rather than handed to a decoder nobody meant to expose to untrusted files.
+_DECODERS = ("PNG", "JPEG", "TIFF", "BMP")
+# Largest image decoded, in pixels: a slice has 65,536. A header can claim 65535x65535 in a few bytes; this
+# refuses such a file before any pixel memory is allocated (Pillow's own limit, 179M pixels, allows files that
+# decode to hundreds of megabytes).
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 class SliceName(NamedTuple):
@@ -72,13 +77,16 @@ def parse_slice_name(path_or_name: str | Path) -> SliceName:
     The case id is the prefix, without a leading ``case_``: OASIS ``case_007_slice_3.nii.png`` gives
     ``SliceName("007", 3)``, a generic ``sub-12_slice_3.png`` gives ``SliceName("sub-12", 3)``.
     """
-    name = Path(path_or_name).name
-    match = _SLICE_NAME.fullmatch(name)
-    if match is None:
+    name = _match_slice_name(Path(path_or_name).name)
+    if name is None:
         problem = "cannot parse case and slice index from the file name; expected <case>_slice_<S>.png"
         raise DataError(problem, path_or_name)
-    case_id = match["case"].removeprefix("case_")
-    return SliceName(case_id, int(match["index"]))
+    return name
+
+
+def _match_slice_name(name: str) -> SliceName | None:
+    match = _SLICE_NAME.fullmatch(name)
+    return None if match is None else SliceName(match["case"].removeprefix("case_"), int(match["index"]))
 
 
 def case_sort_key(case_id: str) -> tuple[str | int, ...]:
@@ -147,12 +155,31 @@ def split_files(data_dir: str | Path, split: str, *, seed: int = 0) -> list[Path
     split_folder(data_dir, split)  # validates the split name before anything is read
     folders = find_splits(data_dir)
     if folders:
-        return list_slices(folders[split])
+        files = list_slices(folders[split])
+        _refuse_shared_cases(files, split, folders)
+        return files
     if not image_files(data_dir):
         raise DataError(
             "no keras_png_slices_{train,validate,test} folders and no <case>_slice_<S>.png images", data_dir
         )
     return group_by_split(list_slices(data_dir), seed=seed)[split]
+
+
+def _refuse_shared_cases(files: list[Path], split: str, folders: dict[str, Path]) -> None:
+    """Raise DataError if a case of ``files`` (one split) also has slices in another split's folder.
+
+    Such a case would leak between training and evaluation. Unparseable names in the other folders are left
+    to the loading of those splits to report.
+    """
+    first_file = {parse_slice_name(path).case_id: path for path in reversed(files)}
+    for other, folder in folders.items():
+        if other == split:
+            continue
+        for path in image_files(folder):
+            name = _match_slice_name(path.name)
+            if name is not None and name.case_id in first_file:
+                raise DataError(f"case {name.case_id} is also in the {other} split ({path.name}); a case must be "
+                                "in one split only", first_file[name.case_id])
 
 
 def group_by_split(slices: Iterable[Path], *, seed: int = 0) -> dict[str, list[Path]]:
@@ -200,19 +227,64 @@ def load_manifest(path: str | Path = OASIS_MANIFEST) -> dict[str, tuple[int, str
                 if len(fields) != len(_MANIFEST_HEADER) or not fields[1].isdigit():
                     raise DataError(f"line {line_number} is not path<TAB>bytes<TAB>sha256", path)
                 manifest[fields[0]] = (int(fields[1]), fields[2])
-    except (OSError, UnicodeDecodeError, EOFError) as error:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as error:  # zlib.error: damaged gzip data
         raise DataError(f"cannot read the manifest ({error})", path) from error
     return manifest
 
 
-def read_image(path: Path) -> Image.Image:
-    """Open and fully decode an image file, raising DataError (naming it) if it is not a readable image."""
+def read_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file (PNG, JPEG, TIFF or BMP).
+
+    Raises DataError naming the file if it is missing, not a complete image of those formats, or larger than
+    MAX_IMAGE_PIXELS.
+    """
     try:
-        with Image.open(path) as image:
-            image.load()  # decodes the pixels now, so a truncated file fails here and not later
-            return image
-    except _DECODE_ERRORS as error:
-        raise DataError(f"cannot decode the image ({error})", path) from error
+        with warnings.catch_warnings():
+            # Pillow only warns between its two bomb limits; an error here keeps the user's output one line.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=_DECODERS) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"image is {image.width}x{image.height}, larger than this program reads "
+                                    f"({MAX_IMAGE_PIXELS} pixels at most)", path)
+                image.load()  # decodes the pixels now, so a truncated file fails here and not later
+                return image
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:  # beyond Pillow's own limit
+        raise DataError(f"image is larger than this program reads ({error})", path) from error
+    except Exception as error:
+        # Pillow's decoders fail on malformed bytes with many exception types (OSError, SyntaxError, zlib.error,
+        # struct.error, IndexError...); for any of them the file is not a usable image.
+        raise DataError(f"cannot decode the image ({_decode_failure(error)})", path) from error
+
+
+def _decode_failure(error: Exception) -> str:
+    """Why Pillow could not read a file, in a few words (its messages often repeat the file's path)."""
+    if isinstance(error, UnidentifiedImageError):
+        return f"not a {', '.join(_DECODERS[:-1])} or {_DECODERS[-1]} file"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def grayscale_pixels(image: Image.Image, path: str | Path) -> np.ndarray:
+    """An image's pixels as 8-bit grayscale, uint8 [H, W].
+
+    Colour (RGB, RGBA, palette...) is converted with Pillow's ``convert("L")``. 16-bit, 32-bit or float
+    grayscale is scaled so that the image's own maximum becomes 255 (negative values become 0, an all-zero
+    image stays 0): Pillow's own conversion would clip everything above 255 to white.
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        pixels = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(pixels).all():
+            raise DataError("image holds NaN or infinite values", path)
+        peak = max(float(pixels.max()), 1.0)
+        return np.rint(np.clip(pixels, 0, peak) * (255.0 / peak)).astype(np.uint8)
+    try:
+        return np.asarray(image.convert("L"))
+    except ValueError as error:  # modes without a grayscale conversion, e.g. HSV
+        raise DataError(f"cannot convert image mode {image.mode} to grayscale ({error})", path) from error
 
 
 def size_problem(image: Image.Image) -> str | None:

@@ -12,9 +12,9 @@ Slicing convention, shared with the demo cohort (:mod:`brainvq.data.demo`) so th
 
 from __future__ import annotations
 
+import math
 import re
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,15 +49,14 @@ EXTENT_TAIL = 0.001
 # The extent is measured on every EXTENT_STRIDE-th voxel per axis: within a voxel of exact, and 8 times cheaper.
 EXTENT_STRIDE = 2
 
+# Largest volume read, in voxels: a 1 mm whole-head scan has 256^3. A header can claim 32767^3 voxels in a few
+# bytes; this refuses it before nibabel allocates the data.
+MAX_VOXELS = 512**3
+# Voxel sizes accepted, in mm: beyond these the header is corrupt (or in other units) and the framing of the
+# slices, which works in millimetres, would be meaningless.
+MIN_ZOOM, MAX_ZOOM = 0.01, 100.0
+
 _VOLUME_SUFFIX = re.compile(r"\.(nii|nii\.gz|hdr|img)$", re.IGNORECASE)
-_READ_ERRORS = (
-    nib.filebasedimages.ImageFileError,
-    nib.spatialimages.HeaderDataError,
-    OSError,
-    EOFError,
-    ValueError,
-    zlib.error,
-)
 
 
 @dataclass(frozen=True)
@@ -76,26 +75,52 @@ def load_volume(path: str | Path) -> Volume:
     """Load a NIfTI (``.nii``, ``.nii.gz``) or Analyze (``.hdr``/``.img``) file as a validated RAS+ Volume.
 
     A trailing singleton 4th dimension is dropped. Raises DataError naming the file if it cannot be read, is
-    not 3D, holds NaN or infinite values, or has constant intensity.
+    not 3D, is larger than MAX_VOXELS, holds NaN or infinite values, or has constant intensity.
     """
     path = Path(path)
     try:
-        image = nib.as_closest_canonical(nib.load(path))
-        data = image.get_fdata(dtype=np.float32)
-    except _READ_ERRORS as error:
-        raise DataError(f"cannot read as a NIfTI or Analyze volume ({error})", path) from error
-    shape = data.shape
-    data = data.reshape(shape[:3]) if len(shape) > 3 and np.prod(shape[3:]) == 1 else data
-    if data.ndim != 3 or min(data.shape) < 2:
+        image = nib.load(path)  # reads the header only
+        shape = tuple(int(size) for size in image.shape)
+    except Exception as error:
+        raise _unreadable(path, error) from error
+    spatial = shape[:3] if len(shape) > 3 and math.prod(shape[3:]) == 1 else shape
+    if len(spatial) != 3 or min(spatial) < 2:
         raise DataError(f"expected a 3D volume, got shape {shape}", path)
+    if math.prod(shape) > MAX_VOXELS:  # checked before nibabel allocates the data
+        raise DataError(f"volume of shape {shape} has more than {MAX_VOXELS} voxels", path)
+    try:
+        _checked_zooms(image, path)  # before the reorientation divides by them
+        image = nib.as_closest_canonical(image)
+        data = image.get_fdata(dtype=np.float32)
+        zooms = _checked_zooms(image, path)  # in the reoriented axis order
+    except DataError:
+        raise
+    except Exception as error:
+        raise _unreadable(path, error) from error
+    data = data.reshape(data.shape[:3])  # drops the singleton 4th dimension, if any
     if not np.isfinite(data).all():
         raise DataError("volume contains NaN or infinite values", path)
     if data.min() == data.max():
         raise DataError("volume has constant intensity", path)
-    zooms = tuple(float(zoom) for zoom in image.header.get_zooms()[:3])
-    if not all(np.isfinite(zoom) and zoom > 0 for zoom in zooms):
-        raise DataError(f"voxel sizes must be positive, got {zooms}", path)
     return Volume(data, zooms, path)
+
+
+def _checked_zooms(image: nib.spatialimages.SpatialImage, path: Path) -> tuple[float, float, float]:
+    """The first three voxel sizes in mm, refusing a corrupt header before its affine is used."""
+    zooms = tuple(float(zoom) for zoom in image.header.get_zooms()[:3])
+    if len(zooms) < 3 or not all(MIN_ZOOM <= zoom <= MAX_ZOOM for zoom in zooms):
+        raise DataError(f"voxel sizes must be between {MIN_ZOOM} and {MAX_ZOOM} mm, got {zooms}", path)
+    if not np.isfinite(image.affine).all():
+        raise DataError("the orientation (affine) in the header holds NaN or infinite values", path)
+    return zooms
+
+
+def _unreadable(path: Path, error: Exception) -> DataError:
+    # nibabel reports malformed headers and data with many exception types (ImageFileError, HeaderDataError,
+    # OSError, ValueError, TypeError, struct.error, zlib.error...): for any of them the file is not a usable
+    # volume.
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DataError(f"cannot read as a NIfTI or Analyze volume ({reason})", path)
 
 
 def foreground_points(mask: np.ndarray, zooms: tuple[float, float, float]) -> np.ndarray:
