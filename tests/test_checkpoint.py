@@ -1,10 +1,10 @@
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-import brainvq.checkpoint as checkpoint
 from brainvq.checkpoint import (
     load_checkpoint,
     load_module_state,
@@ -13,7 +13,7 @@ from brainvq.checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
-from brainvq.errors import CheckpointError
+from brainvq.errors import CheckpointError, OutputError
 
 
 def test_round_trip_of_tensors_and_metadata(tmp_path):
@@ -56,13 +56,14 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.safetensors"
     save_checkpoint(path, {"a": torch.ones(2)}, {"epoch": 1})
 
-    def disk_full(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"half a file")
+    def disk_full(self, data):
+        with open(self, "wb") as handle:
+            handle.write(data[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OutputError, match=r"last\.safetensors: cannot write \(No space left on device\); the "
+                                          "previous version is intact"):
         save_checkpoint(path, {"a": torch.zeros(2)}, {"epoch": 2})
     tensors, metadata = load_checkpoint(path)
     assert metadata["epoch"] == 1 and torch.equal(tensors["a"], torch.ones(2))

@@ -21,6 +21,7 @@ from brainvq.codes import CodeGrids, code_grids
 from brainvq.config import TrainConfig, VQVAEConfig, load_json, save_json
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.data.demo import make_demo_cohort
+from brainvq.distributed import barrier, is_main, process_group
 from brainvq.errors import ConfigError
 from brainvq.images import save_grid, save_png, to_uint8
 from brainvq.metrics.samples import c2st_auc, mean_pairwise_ms_ssim, nearest_ssim
@@ -69,14 +70,14 @@ def train_vqvae(data_dir: str | Path, run_dir: str | Path, *, model_config: VQVA
                                                resume=resume, overrides=resume_overrides, data_dir=data_dir)
     train_set = SliceDataset(load_split(data_dir, "train", progress=progress))
     validation_set = SliceDataset(load_split(data_dir, "validate", progress=progress))
-    device = resolve_device(train_config.device)
-    seed_everything(train_config.seed)  # the initial weights
-    model = prepare_module(VQVAE(model_config), device, train_config.precision)
-    if not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(run_dir, model_config, train_config)
-    task = VQVAETask(model, validation_set, precision=train_config.precision, val_images=train_config.val_images)
-    return train(task, train_set, run_dir, train_config, device, resume=resume, progress=progress)
+    with process_group(train_config.device) as device:
+        seed_everything(train_config.seed)  # the initial weights
+        model = prepare_module(VQVAE(model_config), device, train_config.precision)
+        if not resume and is_main():
+            write_run_config(run_dir, model_config, train_config)
+        task = VQVAETask(model, validation_set, precision=train_config.precision,
+                         val_images=train_config.val_images)
+        return train(task, train_set, run_dir, train_config, device, resume=resume, progress=progress)
 
 
 def evaluate(run_dir: str | Path, data_dir: str | Path, *, split: str = "test", device: str = "auto",
@@ -129,14 +130,19 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
         if getattr(prior_config, name) != vqvae_value:
             raise ConfigError(f"prior {name} {getattr(prior_config, name)} differs from the VQ-VAE's "
                               f"{vqvae_value}", run_dir / CONFIG_FILE)
-    grids = _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision)
-    device = resolve_device(train_config.device)
-    seed_everything(train_config.seed)
-    model = GatedPixelCNN(prior_config).to(device)
-    if not resume:
-        write_run_config(prior_dir, prior_config, train_config)
-    task = PriorTask(model, code_dataset(grids["validate"]), precision=train_config.precision)
-    train(task, code_dataset(grids["train"]), prior_dir, train_config, device, resume=resume, progress=progress)
+    with process_group(train_config.device) as device:
+        # Rank 0 encodes and caches the code grids; the others then read its cache.
+        grids = _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision) if is_main() else None
+        barrier()
+        grids = grids or _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision)
+        seed_everything(train_config.seed)
+        model = GatedPixelCNN(prior_config).to(device)
+        if not resume and is_main():
+            write_run_config(prior_dir, prior_config, train_config)
+        task = PriorTask(model, code_dataset(grids["validate"]), precision=train_config.precision)
+        train(task, code_dataset(grids["train"]), prior_dir, train_config, device, resume=resume, progress=progress)
+        if not is_main():
+            return {}
     best, metadata = load_prior(run_dir)
     results = {  # the best checkpoint's validation figure was measured when it was saved; only test is new
         "validate_nll_bits_per_code": metadata["val"]["nll_bits_per_code"],

@@ -2,7 +2,8 @@
 
 The new content goes to a temporary file in the same folder, is flushed to disk, and then renamed over the
 target; a rename within one file system is atomic. If writing fails (disk full, killed), the temporary file is
-removed and the old file is untouched.
+removed and the old file is untouched; an OSError (disk full, read-only folder, no permission) becomes an
+`OutputError` that says so in one line.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from brainvq.errors import OutputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path`, on any error it is deleted."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _output_error(error, path) from None
     os.close(handle)
     temporary_path = Path(temporary)
     try:
@@ -27,6 +33,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(temporary_path, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary_path, path)
+    except OSError as error:
+        raise _output_error(error, path) from None
     finally:
         temporary_path.unlink(missing_ok=True)
     _fsync_folder(path.parent)
@@ -35,6 +43,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
+
+
+def _output_error(error: OSError, path: Path) -> OutputError:
+    reason = error.strerror or str(error)
+    kept = "the previous version is intact" if path.exists() else "nothing was written"
+    return OutputError(f"cannot write ({reason}); {kept}", path)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from brainvq.atomic import atomic_path
@@ -27,8 +27,11 @@ METADATA_KEY = "brainvq"
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Write `tensors` (contiguous CPU copies are made) and JSON-able `metadata` to `path` atomically."""
     cpu_tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    # Serialised in memory, then written by Python: a failed write (disk full) is then an OSError, which
+    # atomic_path reports clearly, where safetensors' own file writer raises its own error type.
+    data = save(cpu_tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     with atomic_path(path) as temporary:
-        save_file(cpu_tensors, str(temporary), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        temporary.write_bytes(data)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

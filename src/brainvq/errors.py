@@ -30,3 +30,11 @@ class CheckpointError(BrainVQError):
 
 class ConfigError(BrainVQError):
     """A setting or config file with an invalid value."""
+
+
+class TrainingError(BrainVQError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is left intact."""
+
+
+class OutputError(BrainVQError):
+    """An output file cannot be written (disk full, read-only folder); any previous version is left intact."""

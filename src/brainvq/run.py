@@ -30,7 +30,7 @@ CONFIG_SECTIONS = {"brainvq_version", "model", "train"}
 PRIOR_FOLDER = "prior"
 
 # Fields that define the optimisation itself: a resumed run must keep them, or it is no longer the same run.
-RECIPE_FIELDS = ("batch_size", "lr", "warmup_steps", "weight_decay", "precision", "seed")
+RECIPE_FIELDS = ("batch_size", "lr", "warmup_steps", "weight_decay", "max_grad_norm", "precision", "seed")
 
 ModelConfig = TypeVar("ModelConfig", VQVAEConfig, PixelCNNConfig)
 

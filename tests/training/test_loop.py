@@ -1,5 +1,8 @@
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +12,10 @@ from brainvq.checkpoint import load_checkpoint
 from brainvq.config import TrainConfig, VQVAEConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.runtime import prepare_module, seed_everything
-from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE, train
+from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, MAX_BAD_STEPS, METRICS_FILE, train
 from brainvq.training.vqvae import VQVAETask
 
+REPO = Path(__file__).resolve().parents[2]
 SMALL = VQVAEConfig(image_size=32, channels=16, residual_channels=8, code_dim=8, codebook_size=16,
                     restart_after_steps=2)
 
@@ -28,13 +32,21 @@ def blob_images(count: int, size: int = 32, seed: int = 0) -> TensorDataset:
     return TensorDataset(images.unsqueeze(1), torch.arange(count) % 32)
 
 
-def run(run_dir, epochs, *, resume=False, precision="bf16", **options):
+def run(run_dir, epochs, *, resume=False, precision="bf16", train_set=None, progress=False, **options):
     config = TrainConfig(epochs=epochs, batch_size=4, lr=2e-3, warmup_steps=3, precision=precision,
                          max_minutes=None, seed=7, **options)
     seed_everything(config.seed)
     model = prepare_module(VQVAE(SMALL), torch.device("cpu"), precision)
     task = VQVAETask(model, blob_images(8, seed=1), precision=precision, val_images=8)
-    return train(task, blob_images(24), run_dir, config, torch.device("cpu"), resume=resume, progress=False)
+    train_set = blob_images(24) if train_set is None else train_set
+    return train(task, train_set, run_dir, config, torch.device("cpu"), resume=resume, progress=progress)
+
+
+def with_nan_images(dataset: TensorDataset, indices) -> TensorDataset:
+    """`dataset` with every pixel of the images at `indices` set to NaN (a corrupt or diverged input)."""
+    images = dataset.tensors[0].clone()
+    images[list(indices)] = math.nan
+    return TensorDataset(images, dataset.tensors[1])
 
 
 def without_timing(history):
@@ -88,3 +100,74 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(CheckpointError, match="nothing to resume"):
         run(tmp_path, 2, resume=True)
+
+
+def test_a_non_finite_step_is_skipped_undone_and_logged_and_training_goes_on(tmp_path, capsys):
+    # One NaN image poisons its batch's loss and, through the EMA update in the forward pass, the codebook:
+    # unless the step's buffer updates are undone too, every later step would be NaN as well.
+    history = run(tmp_path, 2, train_set=with_nan_images(blob_images(24), [5]), progress=True)
+    assert [record["skipped_steps"] for record in history] == [1, 1]  # the NaN batch comes once per epoch
+    assert [record["step"] for record in history] == [5, 10]  # 6 batches per epoch, 5 of them used
+    assert "non-finite loss" in capsys.readouterr().err
+    tensors, _ = load_checkpoint(tmp_path / LAST_CHECKPOINT)
+    assert all(torch.isfinite(tensor).all() for tensor in tensors.values() if tensor.is_floating_point())
+    assert history[-1]["val"]["ssim"] > 0
+
+
+def test_repeated_non_finite_losses_stop_the_run_and_leave_the_last_checkpoint_intact(tmp_path):
+    from brainvq.errors import TrainingError
+
+    run(tmp_path, 1)
+    saved = {name: (tmp_path / name).read_bytes() for name in (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_FILE)}
+    with pytest.raises(TrainingError, match=f"not finite in {MAX_BAD_STEPS} steps in a row"):
+        run(tmp_path, 5, resume=True, train_set=with_nan_images(blob_images(24), range(24)))
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+
+
+def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_clipping_is_reported():
+    from brainvq.training.loop import _forward_backward
+
+    model = prepare_module(VQVAE(SMALL), torch.device("cpu"), "fp32").eval()  # eval: the codebook stays put
+    task = VQVAETask(model, blob_images(8, seed=1), precision="fp32", val_images=8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    batch = blob_images(4).tensors
+    norms = {}
+    for limit in (None, 1e-3):
+        _, reported = _forward_backward(task, batch, optimizer, TrainConfig(precision="fp32", max_grad_norm=limit))
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        norms[limit] = (reported, float(after))
+    unclipped, _ = norms[None]
+    assert unclipped > 1e-2 and norms[None][1] == pytest.approx(unclipped, rel=1e-5)
+    assert norms[1e-3][0] == pytest.approx(unclipped, rel=1e-3)  # reported before clipping
+    assert norms[1e-3][1] == pytest.approx(1e-3, rel=1e-3)  # applied
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_path):
+    """A real write failure from the kernel: a file-size limit (RLIMIT_FSIZE) below the checkpoint's size makes
+    write() fail with EFBIG, as a full disk fails with ENOSPC (Python ignores SIGXFSZ)."""
+    run(tmp_path, 1)
+    before = (tmp_path / LAST_CHECKPOINT).read_bytes()
+    script = (f"import resource, sys; sys.path[:0] = {sys.path!r}\n"
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, resource.RLIM_INFINITY))\n"
+              f"from tests.training.test_loop import run\n"
+              f"run({str(tmp_path)!r}, 2, resume=True)\n")
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert finished.returncode != 0
+    assert "OutputError" in finished.stderr and "cannot write (File too large)" in finished.stderr
+    assert (tmp_path / LAST_CHECKPOINT).read_bytes() == before
+    assert not [path for path in (tmp_path / "checkpoints").iterdir() if path.name.endswith(".tmp")]
+
+
+def test_a_read_only_output_folder_is_a_clear_error_naming_the_file(tmp_path, monkeypatch):
+    """chmod cannot stop root (CI runs as root), so the file system's refusal is simulated where it happens."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    from brainvq.errors import OutputError
+
+    with pytest.raises(OutputError, match=r"safetensors: cannot write \(Read-only file system\); nothing was written"):
+        run(tmp_path, 1)

@@ -11,6 +11,10 @@ Two ways to learn the codebook:
 Dead-code restart: a code that no vector has chosen for `restart_after_steps` training steps is moved onto a
 randomly chosen encoder output of the current batch, so it starts competing again. Without EMA and restarts a
 32-code book on brain slices collapsed to 2-3 live codes in our measurements.
+
+Under data-parallel training (torchrun) the codebook must stay identical in every process: the per-batch code
+counts and vector sums are summed over processes before the EMA update, so it sees the global batch as one
+process would, and restarted codes are taken from rank 0's batch and broadcast.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -78,8 +83,12 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _learn(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
         counts = torch.bincount(indices, minlength=self.codebook_size).to(flat.dtype)
+        if _distributed():
+            dist.all_reduce(counts)
         if self.ema:
             sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
+            if _distributed():
+                dist.all_reduce(sums)
             self.ema_count.lerp_(counts, 1 - self.ema_decay)
             self.ema_sum.lerp_(sums, 1 - self.ema_decay)
             # Laplace smoothing keeps a rarely used code's divisor away from zero.
@@ -95,12 +104,18 @@ class VectorQuantizer(nn.Module):
         if dead.numel() == 0:
             return
         replacements = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
+        if _distributed():
+            dist.broadcast(replacements, src=0)
         codebook = self.codebook.data if isinstance(self.codebook, nn.Parameter) else self.codebook
         codebook[dead] = replacements
         if self.ema:
             self.ema_count[dead] = 1.0
             self.ema_sum[dead] = replacements
         self.steps_unused[dead] = 0
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class CodeUsage:

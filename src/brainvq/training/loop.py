@@ -9,7 +9,13 @@ measure over an epoch, how to validate. The loop owns everything else:
   metrics history in the header) in one atomic rename, `checkpoints/best.safetensors` when the selection metric
   improved, and rewrites `metrics.jsonl` from that history, so each finished epoch is in it exactly once;
 - `max_steps` and `max_minutes` (total across resumes, validation included) end training early; the epoch in
-  flight is then validated and saved as a partial epoch.
+  flight is then validated and saved as a partial epoch;
+- a step whose loss or gradient is not finite is skipped (its buffer updates undone, a warning printed, counted
+  in the epoch's `skipped_steps`); MAX_BAD_STEPS of them in a row stop the run with a `TrainingError`, before
+  anything is saved, so the last good checkpoint stays as it was;
+- gradients are clipped to `max_grad_norm`; the epoch's mean norm before clipping is logged as `grad_norm`;
+- under torchrun the model is wrapped in DDP and each process trains on its share of every global batch
+  (distributed.py has the rules).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from brainvq.atomic import atomic_write_bytes
@@ -36,16 +44,19 @@ from brainvq.checkpoint import (
     save_checkpoint,
 )
 from brainvq.config import TrainConfig
-from brainvq.errors import CheckpointError, ConfigError
+from brainvq.distributed import any_process, barrier, is_main, rank, world_size
+from brainvq.errors import CheckpointError, ConfigError, TrainingError
 from brainvq.runtime import autocast, seed_everything
 
 LAST_CHECKPOINT = "checkpoints/last.safetensors"
 BEST_CHECKPOINT = "checkpoints/best.safetensors"
 METRICS_FILE = "metrics.jsonl"
+MAX_BAD_STEPS = 10  # non-finite losses in a row that stop a run: by then it is the recipe, not a fluke
 
 
 class TrainingTask(Protocol):
-    model: nn.Module
+    model: nn.Module  # what is trained, validated and saved
+    network: nn.Module  # what training_step runs forward: the model itself, or its DDP wrapper under torchrun
     selection_metric: str  # a key of validate()'s result: the best checkpoint is chosen by it
     higher_is_better: bool  # True for SSIM, False for a negative log-likelihood
 
@@ -68,83 +79,154 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainConfig, device: torch.device,
           *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Train `task.model` (already on `device`) and return the metrics history, one dict per epoch."""
+    """Train `task.model` (already on `device`) and return the metrics history, one dict per epoch.
+
+    Under torchrun (distributed.py) every process calls this; rank 0 alone validates and writes files, and only
+    its returned history is complete."""
     run_dir = Path(run_dir)
+    processes, main = world_size(), is_main()
+    if config.batch_size % processes:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
     optimizer = torch.optim.AdamW(task.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history: list[dict[str, Any]] = []
     step, seconds_so_far = 0, 0.0
     if resume:
         history, step, seconds_so_far = _resume(task.model, optimizer, run_dir / LAST_CHECKPOINT)
-        _write_metrics(run_dir, history)
+        if main:
+            _write_metrics(run_dir, history)
+    if processes > 1:  # DDP averages the gradients over the processes during backward
+        task.network = DistributedDataParallel(task.model, device_ids=[device] if device.type == "cuda" else None)
     sign = 1.0 if task.higher_is_better else -1.0  # compare `sign * metric`, so that higher is always better
     best = max((sign * record["val"][task.selection_metric] for record in history), default=-math.inf)
     first_epoch = history[-1]["epoch"] + 1 if history else 1
     started = time.monotonic() - seconds_so_far
     budget = math.inf if config.max_minutes is None else config.max_minutes * 60
     validation_seconds = 0.0
+    bad_steps_in_a_row = 0
 
     for epoch in range(first_epoch, config.epochs + 1):
         seed_everything(epoch_seed(config.seed, epoch))
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch)),
-                            pin_memory=task_device(task).type == "cuda")
-        if len(loader) == 0:
-            raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
-                              f"({len(train_set)} images)")
+        loader = _epoch_loader(train_set, config, epoch, device)
         task.model.train()
         task.start_epoch()
         sums: dict[str, float] = {}
-        steps_this_epoch, stop_reason = 0, None
+        steps_this_epoch, skipped_steps, stop_reason = 0, 0, None
         epoch_started = time.monotonic()
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False,
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not (progress and main), leave=False,
                    file=sys.stderr, dynamic_ncols=True)
         for batch in bar:
             if config.max_steps is not None and step >= config.max_steps:
                 stop_reason = "max_steps"
                 break
-            if time.monotonic() - started + validation_seconds >= budget:
+            if budget < math.inf and _in_any_process(time.monotonic() - started + validation_seconds >= budget,
+                                                     device):
                 stop_reason = "max_minutes"
                 break
             _set_learning_rate(optimizer, config, step)
-            with autocast(task_device(task), config.precision):
-                terms = task.training_step(batch)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
+            buffers = [buffer.detach().clone() for buffer in task.model.buffers()]
+            terms, gradient_norm = _forward_backward(task, batch, optimizer, config)
+            finite = math.isfinite(float(terms["loss"].detach())) and math.isfinite(gradient_norm)
+            if _in_any_process(not finite, device):
+                # Skipping must also undo what the forward pass changed in buffers (e.g. an EMA codebook).
+                with torch.no_grad():
+                    for buffer, saved in zip(task.model.buffers(), buffers, strict=True):
+                        buffer.copy_(saved)
+                bad_steps_in_a_row += 1
+                skipped_steps += 1
+                _skip_non_finite_step(bad_steps_in_a_row, epoch, step, run_dir)
+                continue
+            bad_steps_in_a_row = 0
             optimizer.step()
             step += 1
             steps_this_epoch += 1
-            for name, value in terms.items():
+            for name, value in (terms | {"grad_norm": torch.tensor(gradient_norm)}).items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             bar.set_postfix(loss=f"{sums['loss'] / steps_this_epoch:.4f}", refresh=False)
         bar.close()
         train_seconds = time.monotonic() - epoch_started
         if steps_this_epoch == 0:
-            break  # the budget ran out exactly at an epoch boundary: nothing new to validate or save
+            if stop_reason is not None:
+                break  # the budget ran out exactly at an epoch boundary: nothing new to validate or save
+            continue  # every step was skipped: the model is the one already saved
 
-        validation_started = time.monotonic()
-        task.model.eval()
-        validation = task.validate()
-        validation_seconds = time.monotonic() - validation_started
-        record = {
-            "epoch": epoch,
-            "step": step,
-            "train": {name: total / steps_this_epoch for name, total in sums.items()} | task.epoch_metrics(),
-            "val": validation,
-            "images_per_second": steps_this_epoch * config.batch_size / train_seconds,
-            "epoch_seconds": time.monotonic() - epoch_started,
-            "elapsed_seconds": time.monotonic() - started,
-            "lr": optimizer.param_groups[0]["lr"],
-            "partial": stop_reason is not None,
-        }
-        history.append(record)
-        improved = sign * validation[task.selection_metric] > best
-        best = max(best, sign * validation[task.selection_metric])
-        _save(run_dir, task.model, optimizer, history, step, improved)
-        if progress:
-            print(_summary_line(record, task.selection_metric), file=sys.stderr)
+        train_means = _mean_over_processes(sums, steps_this_epoch, device)
+        if main:
+            validation_started = time.monotonic()
+            task.model.eval()
+            validation = task.validate()
+            validation_seconds = time.monotonic() - validation_started
+            record = {
+                "epoch": epoch,
+                "step": step,
+                "train": train_means | task.epoch_metrics(),
+                "val": validation,
+                "images_per_second": steps_this_epoch * config.batch_size / train_seconds,
+                "epoch_seconds": time.monotonic() - epoch_started,
+                "elapsed_seconds": time.monotonic() - started,
+                "lr": optimizer.param_groups[0]["lr"],
+                "partial": stop_reason is not None,
+                "skipped_steps": skipped_steps,
+            }
+            history.append(record)
+            improved = sign * validation[task.selection_metric] > best
+            best = max(best, sign * validation[task.selection_metric])
+            _save(run_dir, task.model, optimizer, history, step, improved)
+            if progress:
+                print(_summary_line(record, task.selection_metric), file=sys.stderr)
+        barrier()  # the others wait while rank 0 validates and saves
         if stop_reason is not None:
             break
+    task.network = task.model
     return history
+
+
+def _epoch_loader(train_set: Dataset, config: TrainConfig, epoch: int, device: torch.device) -> DataLoader:
+    """This process's batches of one epoch: every process shuffles with the same seed, and each takes its
+    batch_size / processes share of every global batch (one process: a plain seeded shuffle)."""
+    processes = world_size()
+    sampler = DistributedSampler(train_set, num_replicas=processes, rank=rank(), shuffle=True,
+                                 seed=epoch_seed(config.seed, epoch), drop_last=True)
+    loader = DataLoader(train_set, batch_size=config.batch_size // processes, sampler=sampler, drop_last=True,
+                        pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
+                          f"({len(train_set)} images)")
+    return loader
+
+
+def _forward_backward(task: TrainingTask, batch: Any, optimizer: torch.optim.Optimizer,
+                      config: TrainConfig) -> tuple[dict[str, torch.Tensor], float]:
+    """Loss terms and gradients of one batch, the gradients clipped to `max_grad_norm`; returns (terms, norm
+    before clipping)."""
+    with autocast(task_device(task), config.precision):
+        terms = task.training_step(batch)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    limit = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+    return terms, float(nn.utils.clip_grad_norm_(task.model.parameters(), limit))
+
+
+def _skip_non_finite_step(bad_steps_in_a_row: int, epoch: int, step: int, run_dir: Path) -> None:
+    if bad_steps_in_a_row >= MAX_BAD_STEPS:
+        raise TrainingError(f"the loss was not finite in {bad_steps_in_a_row} steps in a row (epoch {epoch}, after "
+                            f"step {step}); training stopped. The last good checkpoint is intact; try a lower --lr",
+                            run_dir / LAST_CHECKPOINT)
+    if is_main():
+        print(f"brainvq: warning: non-finite loss at epoch {epoch}, after step {step}: step skipped",
+              file=sys.stderr)
+
+
+def _in_any_process(flag: bool, device: torch.device) -> bool:
+    """`flag` of this process, or'ed over all processes so that every process takes the same branch."""
+    return bool(any_process(torch.tensor([float(flag)], device=device)))
+
+
+def _mean_over_processes(sums: dict[str, float], steps: int, device: torch.device) -> dict[str, float]:
+    """Per-step means of the summed training figures, averaged over all processes."""
+    totals = torch.tensor([sums[name] for name in sorted(sums)], dtype=torch.float64, device=device)
+    if world_size() > 1:
+        dist.all_reduce(totals)
+    return {name: float(total) / (steps * world_size()) for name, total in zip(sorted(sums), totals, strict=True)}
 
 
 def task_device(task: TrainingTask) -> torch.device:

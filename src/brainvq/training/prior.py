@@ -39,6 +39,7 @@ class PriorTask:
 
     def __init__(self, model: GatedPixelCNN, validation_set: TensorDataset, *, precision: str) -> None:
         self.model = model
+        self.network = model  # the training loop swaps in a DDP wrapper under torchrun
         self.validation_set = validation_set
         self.precision = precision
 
@@ -48,7 +49,7 @@ class PriorTask:
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
         codes, positions = batch[0].to(device), batch[1].to(device)
-        nats = F.cross_entropy(self.model(codes, positions).float(), codes)
+        nats = F.cross_entropy(self.network(codes, positions).float(), codes)
         return {"loss": nats, "bits_per_code": nats / math.log(2)}
 
     def epoch_metrics(self) -> dict[str, float]:

@@ -18,6 +18,7 @@ class VQVAETask:
 
     def __init__(self, model: VQVAE, validation_set: Dataset, *, precision: str, val_images: int = 256) -> None:
         self.model = model
+        self.network = model  # the training loop swaps in a DDP wrapper under torchrun
         self.precision = precision
         # An evenly spaced subset covers every case and slice position at a fixed, small cost per epoch.
         count = min(val_images, len(validation_set))
@@ -33,7 +34,7 @@ class VQVAETask:
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         images = prepare_images(batch[0], self.device, self.precision)
-        output = self.model(images)
+        output = self.network(images)
         self.usage.update(output.indices)
         return self.model.loss(images, output)
 
