@@ -13,6 +13,7 @@ def trained_looking_model(conditional: bool = True, grid_size: int = 7) -> Gated
     with torch.no_grad():
         torch.nn.init.normal_(model.conditioning.weight)
         torch.nn.init.normal_(model.location_projection.weight, std=0.3)
+        torch.nn.init.normal_(model.position_maps)
         for parameter in model.parameters():
             parameter.mul_(2.0)
     return model

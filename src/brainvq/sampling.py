@@ -64,6 +64,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
     channels, reach, depth = model.config.channels, model.reach, len(model.layers)
     conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]
     locations = model.location_maps()  # [layers, 2C, G, G]
+    position_map = model.position_map(positions, batch)  # [B or 1, C, G, G]
     codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
     # Embedded codes and each layer's vertical-stack input, zero-padded `reach` above and on both sides,
     # exactly as the full forward pass pads them; row r of the grid is row r + reach of these buffers.
@@ -95,12 +96,13 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
                 h_window = h_rows[index][:, :, column:column + reach + 1].reshape(batch, -1)
                 h_features = h_window @ horizontal_weights[index] + layer.horizontal.bias + links[index][:, :, column]
                 h_gated = gate(h_features + conditioning[index] + locations[index][:, row, column])
-                h = h + F.linear(h_gated, layer.residual.weight[:, :, 0, 0], layer.residual.bias)
+                if layer.residual is not None:
+                    h = h + F.linear(h_gated, layer.residual.weight[:, :, 0, 0], layer.residual.bias)
                 skip = skip + F.linear(h_gated, layer.skip.weight[:, :, 0, 0], layer.skip.bias)
             logits = model.head(skip[:, :, None, None])[:, :, 0, 0]
             chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature, top_k=top_k)
             codes[:, row, column] = chosen
-            embedded[:, :, row + reach, column + reach] = model.embedding(chosen)
+            embedded[:, :, row + reach, column + reach] = model.embed(chosen, position_map[:, :, row, column])
     return codes
 
 

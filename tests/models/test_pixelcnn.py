@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,7 +29,8 @@ def test_each_output_sees_every_earlier_position_and_nothing_later(kernel_size, 
     torch.manual_seed(0)
     config = PixelCNNConfig(codebook_size=6, channels=8, layers=layers, kernel_size=kernel_size, grid_size=size)
     model = GatedPixelCNN(config).double()
-    torch.nn.init.normal_(model.location_projection.weight)  # a trained location map must not leak either
+    torch.nn.init.normal_(model.location_projection.weight)  # trained location and position maps must not leak
+    torch.nn.init.normal_(model.position_maps)
     # The grid is small enough for the receptive field, (kernel_size // 2) * (layers + 1) positions in each
     # direction, to cover it: every earlier position must then have a non-zero gradient (no blind spot).
     assert (kernel_size // 2) * (layers + 1) >= size - 1
@@ -72,6 +75,23 @@ def test_the_location_map_makes_the_logits_depend_on_where_a_position_is():
     torch.nn.init.normal_(model.location_projection.weight)
     logits = model(codes)
     assert not torch.allclose(logits[0, :, 8, 6], logits[0, :, 8, 9])
+
+
+def test_the_position_map_gives_each_slice_position_its_own_spatial_pattern():
+    torch.manual_seed(0)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=1, kernel_size=3, grid_size=16, position_map_size=4)
+    model = GatedPixelCNN(config)
+    codes = torch.zeros(2, 16, 16, dtype=torch.int64)
+    positions = torch.tensor([3, 30])
+    assert torch.equal(model.position_map(positions, 2), torch.zeros(2, 8, 16, 16))  # zero-initialised
+    with torch.no_grad():
+        model.position_maps[30, :, 0, 0] = 5.0  # slice 30 only, top-left corner only
+    logits = model(codes, positions)
+    # Position (2, 2) sees the top-left corner of the map; position (12, 12) does not, so it stays as it was.
+    assert not torch.allclose(logits[0, :, 2, 2], logits[1, :, 2, 2])
+    assert torch.allclose(logits[0, :, 12, 12], logits[1, :, 12, 12])
+    unconditional = GatedPixelCNN(dataclasses.replace(config, conditional=False))
+    assert unconditional.position_maps.numel() == 0
 
 
 def test_invalid_config_is_refused():

@@ -10,10 +10,13 @@ The first layer reads the embedded codes with kernels that exclude the current r
 layers use kernels that include the current row/column of the previous layer's features, which are already
 causal. Because v covers the whole triangle above (not just a cone), there is no blind spot.
 
-Each gated layer adds a conditioning bias before its gates: a learnt vector per slice position (so a user can
-ask for "slice 20") plus a learnt map over grid locations (the location-dependent conditioning of van den Oord
-et al.). Neither depends on the codes, so causality holds; the map lets a small receptive field know where in
-the slice it is, which is what places the brain's outline.
+Conditioning (none of it depends on the codes, so causality holds):
+- each gated layer adds a bias before its gates: a learnt vector per slice position (so a user can ask for
+  "slice 20") plus a learnt map over grid locations (the location-dependent conditioning of van den Oord et al.),
+  which lets a small receptive field know where in the slice it is;
+- a learnt coarse map per slice position (`position_map_size`^2 cells, bilinearly upsampled to the grid) is added
+  to the embedded codes. A bias vector alone cannot say "at slice 0 the brain is small and the cerebellum sits
+  low": that needs position and location together, which this map gives every layer from the first.
 
 All padding is explicit (`_pad_above`, `_pad_left`), so the same convolutions can be evaluated on a small
 window of rows or columns; `models/fast_sampling.py` relies on this to sample one position at a time without
@@ -41,6 +44,7 @@ class PixelCNNConfig:
     positions: int = 32  # number of slice positions (OASIS: 32 slices per case)
     grid_size: int = 64  # side of the code grids (the VQ-VAE's image size / downsample)
     location_channels: int = 16  # learnt location map (0: none); tells each layer where in the grid it is
+    position_map_size: int = 16  # side of the learnt per-position map added to the embedded codes (0: none)
 
     def validate(self) -> None:
         checks = {
@@ -51,11 +55,12 @@ class PixelCNNConfig:
             "positions": self.positions >= 1,
             "grid_size": self.grid_size >= 1,
             "location_channels": self.location_channels >= 0,
+            "position_map_size": self.position_map_size >= 0,
         }
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid (kernel_size: odd >= 3; "
-                                  "location_channels >= 0; others >= 1)")
+                                  "location_channels, position_map_size >= 0; others >= 1)")
 
 
 def _pad_above(x: torch.Tensor, rows: int, side: int) -> torch.Tensor:
@@ -77,13 +82,14 @@ def gate(x: torch.Tensor) -> torch.Tensor:
 class GatedLayer(nn.Module):
     """One gated layer of both stacks; `conditioning` [B, 2C] is added before each gate."""
 
-    def __init__(self, channels: int, kernel_size: int) -> None:
+    def __init__(self, channels: int, kernel_size: int, *, last: bool = False) -> None:
         super().__init__()
         self.reach = kernel_size // 2
         self.vertical = nn.Conv2d(channels, 2 * channels, (self.reach + 1, kernel_size))
         self.horizontal = nn.Conv2d(channels, 2 * channels, (1, self.reach + 1))
         self.link = nn.Conv2d(2 * channels, 2 * channels, 1)
-        self.residual = nn.Conv2d(channels, channels, 1)
+        # Nothing reads the last layer's stacks, only its skip output: it has no residual to learn.
+        self.residual = None if last else nn.Conv2d(channels, channels, 1)
         self.skip = nn.Conv2d(channels, channels, 1)
 
     def forward(self, v: torch.Tensor, h: torch.Tensor,
@@ -92,7 +98,8 @@ class GatedLayer(nn.Module):
         v_features = self.vertical(_pad_above(v, self.reach, self.reach))
         h_features = self.horizontal(_pad_left(h, self.reach)) + self.link(v_features)
         h_gated = gate(h_features + bias)
-        return gate(v_features + bias), h + self.residual(h_gated), self.skip(h_gated)
+        h = h if self.residual is None else h + self.residual(h_gated)
+        return gate(v_features + bias), h, self.skip(h_gated)
 
 
 class GatedPixelCNN(nn.Module):
@@ -107,7 +114,8 @@ class GatedPixelCNN(nn.Module):
         self.first_vertical = nn.Conv2d(channels, channels, (self.reach, kernel_size))
         self.first_horizontal = nn.Conv2d(channels, channels, (1, self.reach))
         self.first_link = nn.Conv2d(channels, channels, 1)
-        self.layers = nn.ModuleList([GatedLayer(channels, kernel_size) for _ in range(self.config.layers)])
+        depth = self.config.layers
+        self.layers = nn.ModuleList([GatedLayer(channels, kernel_size, last=i == depth - 1) for i in range(depth)])
         conditions = self.config.positions if self.config.conditional else 1
         self.conditioning = nn.Embedding(conditions, 2 * channels * self.config.layers)
         nn.init.zeros_(self.conditioning.weight)
@@ -115,6 +123,8 @@ class GatedPixelCNN(nn.Module):
         self.location = nn.Parameter(torch.randn(location_channels, size, size))
         self.location_projection = nn.Conv2d(location_channels, 2 * channels * self.config.layers, 1, bias=False)
         nn.init.zeros_(self.location_projection.weight)  # starts as no bias at all; learnt from there
+        map_size = self.config.position_map_size if self.config.conditional else 0
+        self.position_maps = nn.Parameter(torch.zeros(conditions, channels, map_size, map_size))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
                                   nn.Conv2d(channels, self.config.codebook_size, 1))
 
@@ -133,10 +143,23 @@ class GatedPixelCNN(nn.Module):
             return torch.zeros(layers, 2 * self.config.channels, size, size, device=self.location.device)
         return self.location_projection(self.location.unsqueeze(0)).view(layers, -1, size, size)
 
-    def first_stacks(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_map(self, positions: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """What is added to the embedded codes: [B, C, G, G] ([1, C, G, G] of zeros without a map)."""
+        size = self.config.grid_size
+        if self.position_maps.shape[-1] == 0:
+            return self.position_maps.new_zeros(1, self.config.channels, size, size)
+        if positions is None:
+            positions = torch.zeros(batch, dtype=torch.int64, device=self.position_maps.device)
+        return F.interpolate(self.position_maps[positions], size=(size, size), mode="bilinear", align_corners=False)
+
+    def embed(self, codes: torch.Tensor, position_map: torch.Tensor) -> torch.Tensor:
+        """codes [B, ...] and the matching slice of `position_map` [B, C, ...] -> embedded codes [B, C, ...]."""
+        return self.embedding(codes).movedim(-1, 1) + position_map
+
+    def first_stacks(self, codes: torch.Tensor, position_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """codes [B, G, G] -> (v, h) [B, C, G, G] of the first layer, strictly above / strictly left."""
         size = codes.shape[-1]
-        x = self.embedding(codes).permute(0, 3, 1, 2)
+        x = self.embed(codes, position_map)
         v = self.first_vertical(_pad_above(x, self.reach, self.reach))[:, :, :size]
         h = self.first_horizontal(_pad_left(x, self.reach))[:, :, :, :size] + self.first_link(v)
         return v, h
@@ -148,7 +171,7 @@ class GatedPixelCNN(nn.Module):
                               f"{self.config.grid_size}x{self.config.grid_size}")
         conditioning = self.condition_vectors(positions, codes.shape[0], codes.device)
         locations = self.location_maps()
-        v, h = self.first_stacks(codes)
+        v, h = self.first_stacks(codes, self.position_map(positions, codes.shape[0]))
         skip = torch.zeros_like(h)
         for layer, vector, location in zip(self.layers, conditioning, locations, strict=True):
             v, h, contribution = layer(v, h, vector[:, :, None, None] + location)
