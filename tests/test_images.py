@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from brainvq.errors import DataError
+from brainvq.errors import DataError, OutputError
 from brainvq.images import GAP_VALUE, image_grid, load_png, save_grid, save_png, to_uint8
 
 
@@ -39,7 +39,7 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, m
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", fail_midway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"slice\.png: cannot write \(disk full\); the previous version is intact"):
         save_png(np.zeros((8, 8), np.uint8), path)
     monkeypatch.undo()
 
