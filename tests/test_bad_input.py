@@ -82,7 +82,14 @@ Hostile files:
 - a tampered optimizer state (resume): test_a_tampered_optimizer_state_is_refused_on_resume
 - a tampered config.json (wrong types, unknown keys, negative or absurd sizes, not JSON, a JSON list):
   tests/test_config.py (from_dict and load_json), and here test_a_tampered_config_json_is_refused_through_the_cli
+- a tampered prior config.json (absurd sizes): test_a_tampered_prior_config_cannot_make_it_allocate_gigabytes
+- a tampered training history in a checkpoint: test_a_tampered_training_history_is_refused_on_resume
+- a damaged or pickled code-grid cache (RUN/codes): test_damaged_or_hostile_code_grid_caches_are_remade_never_loaded
+- a damaged RUN/prior/eval_prior.json: test_a_damaged_prior_evaluation_record_is_refused_before_sampling
 - mutated PNG, NIfTI, config and checkpoint bytes: tests/test_fuzz.py
+
+And a run that failed before its first checkpoint can be started again with the same command:
+test_a_run_that_failed_before_its_first_checkpoint_can_simply_be_started_again.
 """
 
 from __future__ import annotations
@@ -414,7 +421,8 @@ def test_a_prior_of_another_vqvae_is_refused(run: Path, tmp_path: Path, capsys: 
     (["sample", "r", "--out", "o", "--top-k", "0"], "argument --top-k: must be a positive integer"),
     (["sample", "r", "--out", "o", "--seed", "-1"], "argument --seed: must be in 0..4294967295"),
     (["data", "demo", "--out", "o", "--seed", str(2**64)], "argument --seed: must be in 0..4294967295"),
-    (["evaluate-samples", "r", "--n", "many"], "argument --n: invalid positive_int value: 'many'"),
+    (["evaluate-samples", "r", "--n", "many"], "argument --n: invalid sample_count value: 'many'"),
+    (["sample", "r", "--out", "o", "--n", str(10**7)], "argument --n: must be at most 100000"),
     (["train-vqvae", "--data", "d", "--out", "r", "--max-minutes", "-3"], "argument --max-minutes: must be a"),
 ])
 def test_invalid_option_values_are_usage_errors(capsys: pytest.CaptureFixture[str], arguments: list[str],
@@ -562,6 +570,54 @@ CONFIG_DAMAGES: dict[str, tuple[Callable[[Path], object], str]] = {
 }
 
 
+def test_a_tampered_prior_config_cannot_make_it_allocate_gigabytes(run: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    edit_config(run / PRIOR_FOLDER, lambda values: values["model"].update(channels=100_000))
+    assert main(["sample", str(run), "--n", "1", "--out", str(tmp_path / "samples")]) == 1
+    error_line(capsys, str(run / PRIOR_FOLDER / "config.json"), "channels = 100000 is invalid (must be in 1..1024)")
+
+
+@pytest.mark.parametrize("history", [5, [5], [{"epoch": "1", "val": {}}], None])
+def test_a_tampered_training_history_is_refused_on_resume(run: Path, data_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str], history) -> None:
+    tensors, metadata = load_checkpoint(run / LAST_CHECKPOINT)
+    save_checkpoint(run / LAST_CHECKPOINT, tensors, metadata | {"history": history})
+    assert main(["train-vqvae", "--data", str(data_dir), "--out", str(run), "--resume", *TRAIN_FAST[:2]]) == 1
+    error_line(capsys, str(run / LAST_CHECKPOINT), "checkpoint header lacks the training state")
+
+
+def test_damaged_or_hostile_code_grid_caches_are_remade_never_loaded(run: Path, data_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """RUN/codes is a cache: a damaged index, a pickled .npy or grids of the wrong shape are remade."""
+    mark = tmp_path / "payload ran"
+    monkeypatch.setenv("PAYLOAD_MARK", str(mark))
+    shutil.rmtree(run / PRIOR_FOLDER)
+    prior = ["train-prior", str(run), "--data", str(data_dir), "--max-steps", "1", *TRAIN_FAST, "--channels", "8",
+             "--layers", "2"]
+    assert main(prior) == 0
+    index = json.loads((run / "codes" / "train.json").read_text())
+    expected = np.load(run / "codes" / "train.npy")
+    (run / "codes" / "train.json").write_bytes(b"{not json")
+    (run / "codes" / "validate.npy").write_bytes(pickle.dumps(Payload()))
+    np.save(run / "codes" / "test.npy", np.zeros((3, 3), dtype=np.uint8))  # a valid .npy of the wrong shape
+    shutil.rmtree(run / PRIOR_FOLDER)
+    assert main(prior) == 0
+    assert json.loads((run / "codes" / "train.json").read_text()) == index
+    assert np.array_equal(np.load(run / "codes" / "train.npy"), expected)
+    assert all(np.load(run / "codes" / f"{split}.npy").dtype == np.uint8 for split in ("validate", "test"))
+    assert not mark.exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_simply_be_started_again(data_dir: Path, tmp_path: Path,
+                                                                                  capsys) -> None:
+    out = tmp_path / "run"
+    arguments = ["train-vqvae", "--data", str(data_dir), "--out", str(out), "--quiet", "--max-steps", "1"]
+    assert main([*arguments, "--batch-size", "1000"]) == 1  # larger than the training set
+    error_line(capsys, "batch_size 1000 is larger than the training set")
+    assert main([*arguments, "--batch-size", "8"]) == 0
+    assert (out / LAST_CHECKPOINT).is_file()
+
+
 @pytest.mark.parametrize("damage", sorted(CONFIG_DAMAGES))
 def test_a_tampered_config_json_is_refused_through_the_cli(run: Path, data_dir: Path,
                                                            capsys: pytest.CaptureFixture[str], damage: str) -> None:
@@ -570,3 +626,14 @@ def test_a_tampered_config_json_is_refused_through_the_cli(run: Path, data_dir: 
     assert main(["evaluate", str(run), "--data", str(data_dir)]) == 1
     error_line(capsys, str(run / "config.json"), problem)
     assert not (run / "eval_test.json").exists()
+
+
+@pytest.mark.parametrize(("record", "problem"), [('{"test_nll_bits_per_code": "low"}', "test_nll_bits_per_code"),
+                                                ("{}", "test_nll_bits_per_code"), ("[]", "expected a JSON object")])
+def test_a_damaged_prior_evaluation_record_is_refused_before_sampling(run: Path, data_dir: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      record: str, problem: str) -> None:
+    (run / PRIOR_FOLDER / "eval_prior.json").write_text(record)
+    assert main(["evaluate-samples", str(run), "--data", str(data_dir), "--n", "2"]) == 1
+    error_line(capsys, str(run / PRIOR_FOLDER / "eval_prior.json"), problem)
+    assert not (run / "eval_samples.json").exists()

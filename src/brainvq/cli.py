@@ -25,6 +25,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_SAMPLES = 100_000  # 100,000 slices of 256x256 floats are 26 GB: more is a typo, not a plan
+
+
+def sample_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_SAMPLES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SAMPLES}, not {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -117,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder")
     sampling.add_argument("run", type=Path, help="run folder with a trained VQ-VAE and prior")
-    sampling.add_argument("--n", type=positive_int, default=16, help="number of samples (default 16)")
+    sampling.add_argument("--n", type=sample_count, default=16, help="number of samples (default 16)")
     sampling.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
     sampling.add_argument("--seed", type=seed, default=0)
     sampling.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature (> 0)")
@@ -133,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             help="quality, diversity and novelty of generated slices")
     sample_evaluation.add_argument("run", type=Path, help="run folder with a trained VQ-VAE and prior")
     sample_evaluation.add_argument("--data", type=Path, help="data folder (default: the VQ-VAE's)")
-    sample_evaluation.add_argument("--n", type=positive_int, default=64, help="samples to generate (default 64)")
+    sample_evaluation.add_argument("--n", type=sample_count, default=64,
+                                   help="samples to generate (default 64)")
     sample_evaluation.add_argument("--seed", type=seed, default=0)
     sample_evaluation.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     sample_evaluation.set_defaults(handler=run_evaluate_samples)

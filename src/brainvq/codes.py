@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,16 +57,34 @@ def code_grids(run_dir: Path, data_dir: str | Path, split: str, model: VQVAE, *,
     codes_path, index_path = folder / f"{split}.npy", folder / f"{split}.json"
     made_by = {"checkpoint_sha256": _sha256(Path(run_dir) / BEST_CHECKPOINT),
                "files": [str(path) for path in slices.files]}
-    index = json.loads(index_path.read_text()) if index_path.exists() and codes_path.exists() else None
-    if index is None or index.get("made_by") != made_by:
-        codes = encode_dataset(model, SliceDataset(slices), device=device, precision=precision)
-        with atomic_path(codes_path) as temporary, open(temporary, "wb") as handle:
-            np.save(handle, codes)
-        index = {"made_by": made_by, "case_ids": slices.case_ids,
-                 "slice_indices": slices.slice_indices.tolist()}
-        atomic_write_bytes(index_path, json.dumps(index).encode())  # written last: it vouches for the .npy
-    codes = np.load(codes_path, allow_pickle=False)
-    return CodeGrids(codes, np.array(index["slice_indices"], dtype=np.int64), index["case_ids"], split)
+    cached = _read_cache(codes_path, index_path, made_by, len(slices.files))
+    if cached is not None:
+        return CodeGrids(*cached, split)
+    codes = encode_dataset(model, SliceDataset(slices), device=device, precision=precision)
+    with atomic_path(codes_path) as temporary, open(temporary, "wb") as handle:
+        np.save(handle, codes)
+    index = {"made_by": made_by, "case_ids": slices.case_ids, "slice_indices": slices.slice_indices.tolist()}
+    atomic_write_bytes(index_path, json.dumps(index).encode())  # written last: it vouches for the .npy
+    return CodeGrids(codes, slices.slice_indices.astype(np.int64), list(slices.case_ids), split)
+
+
+def _read_cache(codes_path: Path, index_path: Path, made_by: dict[str, Any],
+                count: int) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """(codes, slice indices, case ids) from the cache if it is intact and made from the same checkpoint and
+    files; None (remake it) if it is missing, stale or damaged in any way, pickles included (never loaded)."""
+    try:
+        index = json.loads(index_path.read_text())
+        if index.get("made_by") != made_by:
+            return None
+        codes = np.load(codes_path, allow_pickle=False)
+        slice_indices = np.array(index["slice_indices"], dtype=np.int64)
+        case_ids = [str(case_id) for case_id in index["case_ids"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # JSONDecodeError is a ValueError
+        return None
+    if codes.dtype != np.uint8 or codes.ndim != 3 or len(codes) != count or slice_indices.shape != (count,) \
+            or len(case_ids) != count:
+        return None
+    return codes, slice_indices, case_ids
 
 
 def _sha256(path: Path) -> str:

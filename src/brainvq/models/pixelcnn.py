@@ -47,20 +47,15 @@ class PixelCNNConfig:
     position_map_size: int = 16  # side of the learnt per-position map added to the embedded codes (0: none)
 
     def validate(self) -> None:
-        checks = {
-            "codebook_size": self.codebook_size >= 2,
-            "channels": self.channels >= 1,
-            "layers": self.layers >= 1,
-            "kernel_size": self.kernel_size >= 3 and self.kernel_size % 2 == 1,
-            "positions": self.positions >= 1,
-            "grid_size": self.grid_size >= 1,
-            "location_channels": self.location_channels >= 0,
-            "position_map_size": self.position_map_size >= 0,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"{key} = {getattr(self, key)!r} is invalid (kernel_size: odd >= 3; "
-                                  "location_channels, position_map_size >= 0; others >= 1)")
+        # Upper bounds too: a tampered prior/config.json must not make the constructor allocate gigabytes.
+        limits = {"codebook_size": (2, 256), "channels": (1, 1024), "layers": (1, 64), "kernel_size": (3, 15),
+                  "positions": (1, 4096), "grid_size": (1, 512), "location_channels": (0, 256),
+                  "position_map_size": (0, 64)}
+        for key, (low, high) in limits.items():
+            value = getattr(self, key)
+            if not low <= value <= high or (key == "kernel_size" and value % 2 == 0):
+                odd = " and odd" if key == "kernel_size" else ""
+                raise ConfigError(f"{key} = {value!r} is invalid (must be in {low}..{high}{odd})")
 
 
 def _pad_above(x: torch.Tensor, rows: int, side: int) -> torch.Tensor:

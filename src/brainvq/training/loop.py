@@ -263,9 +263,13 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer,
     try:
         history, step, elapsed = metadata["history"], int(metadata["step"]), float(metadata["elapsed_seconds"])
         optimizer_state = metadata["optimizer"]
+        valid_history = isinstance(history, list) and all(
+            isinstance(record, dict) and type(record.get("epoch")) is int and isinstance(record.get("val"), dict)
+            for record in history)
     except (KeyError, TypeError, ValueError):
-        raise CheckpointError("checkpoint header lacks the training state (history, step, optimizer)",
-                              path) from None
+        valid_history = False
+    if not valid_history:
+        raise CheckpointError("checkpoint header lacks the training state (history, step, optimizer)", path)
     load_module_state(model, tensors, prefix="model.", source=path)
     restore_optimizer(optimizer, tensors, optimizer_state, source=path)
     return history, step, elapsed
