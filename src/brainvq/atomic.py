@@ -45,6 +45,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         temporary.write_bytes(data)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes cut short by a kill left in `folder`; returns what was removed.
+
+    Call it only where no other process is writing into `folder` (a training run owns its run folder)."""
+    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def _output_error(error: OSError, path: Path) -> OutputError:
     reason = error.strerror or str(error)
     kept = "the previous version is intact" if path.exists() else "nothing was written"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from brainvq.atomic import atomic_path, atomic_write_bytes
+from brainvq.atomic import atomic_path, atomic_write_bytes, remove_stale_temporaries
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.models.vqvae import VQVAE
 from brainvq.runtime import autocast, prepare_images
@@ -60,6 +60,7 @@ def code_grids(run_dir: Path, data_dir: str | Path, split: str, model: VQVAE, *,
     cached = _read_cache(codes_path, index_path, made_by, len(slices.files))
     if cached is not None:
         return CodeGrids(*cached, split)
+    remove_stale_temporaries(folder)  # of a remake cut short by a kill
     codes = encode_dataset(model, SliceDataset(slices), device=device, precision=precision)
     with atomic_path(codes_path) as temporary, open(temporary, "wb") as handle:
         np.save(handle, codes)

@@ -95,11 +95,14 @@ def test_max_steps_ends_training_with_a_partial_epoch(tmp_path):
     assert not math.isnan(history[-1]["val"]["ssim"])
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    from brainvq.errors import CheckpointError
-
-    with pytest.raises(CheckpointError, match="nothing to resume"):
-        run(tmp_path, 2, resume=True)
+def test_resuming_a_run_killed_before_its_first_checkpoint_starts_it_from_the_beginning(tmp_path):
+    fresh = run(tmp_path / "fresh", 2)
+    (tmp_path / "killed" / "checkpoints").mkdir(parents=True)
+    stale = tmp_path / "killed" / "checkpoints" / ".last.safetensors.abc123.tmp"  # a write cut short by the kill
+    stale.write_bytes(b"half a checkpoint")
+    resumed = run(tmp_path / "killed", 2, resume=True)
+    assert without_timing(resumed) == without_timing(fresh)
+    assert not stale.exists()
 
 
 def test_a_non_finite_step_is_skipped_undone_and_logged_and_training_goes_on(tmp_path, capsys):

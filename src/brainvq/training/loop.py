@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from brainvq.atomic import atomic_write_bytes
+from brainvq.atomic import atomic_write_bytes, remove_stale_temporaries
 from brainvq.checkpoint import (
     load_checkpoint,
     load_module_state,
@@ -90,7 +90,11 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
     optimizer = torch.optim.AdamW(task.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history: list[dict[str, Any]] = []
     step, seconds_so_far = 0, 0.0
-    if resume:
+    if main:  # a kill during an atomic write leaves its temporary file behind
+        for folder in (run_dir, run_dir / "checkpoints"):
+            remove_stale_temporaries(folder)
+    # Resuming a run killed before its first checkpoint starts it from the beginning: nothing was saved to lose.
+    if resume and (run_dir / LAST_CHECKPOINT).exists():
         history, step, seconds_so_far = _resume(task.model, optimizer, run_dir / LAST_CHECKPOINT)
         if main:
             _write_metrics(run_dir, history)
@@ -257,8 +261,6 @@ def _save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, his
 def _resume(model: nn.Module, optimizer: torch.optim.Optimizer,
             path: Path) -> tuple[list[dict[str, Any]], int, float]:
     """Load the last checkpoint into model and optimizer: (history, global step, training seconds so far)."""
-    if not path.is_file():
-        raise CheckpointError("nothing to resume: no checkpoint yet (start without --resume)", path)
     tensors, metadata = load_checkpoint(path)
     try:
         history, step, elapsed = metadata["history"], int(metadata["step"]), float(metadata["elapsed_seconds"])
