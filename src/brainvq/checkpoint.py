@@ -34,8 +34,8 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], metadata
         temporary.write_bytes(data)
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint written by `save_checkpoint`: (tensors on CPU, metadata)."""
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read any safetensors file, brainvq's or not: (tensors on CPU, its string metadata, possibly empty)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("checkpoint file does not exist" if not path.exists() else "not a file", path)
@@ -44,8 +44,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             stored = handle.metadata() or {}
             names = handle.keys()  # safe_open is no mapping: iterating it directly is not supported
             tensors = {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"not a valid safetensors checkpoint ({_first_line(error)})", path) from None
+    return tensors, stored
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by `save_checkpoint`: (tensors on CPU, metadata)."""
+    tensors, stored = load_safetensors(path)
+    try:
         metadata = json.loads(stored.get(METADATA_KEY, "null"))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:  # RecursionError is a RuntimeError
+    except (ValueError, RuntimeError) as error:  # RecursionError (deeply nested JSON) is a RuntimeError
         raise CheckpointError(f"not a valid safetensors checkpoint ({_first_line(error)})", path) from None
     if not isinstance(metadata, dict):
         raise CheckpointError("safetensors file has no brainvq metadata; not a brainvq checkpoint", path)

@@ -62,6 +62,20 @@ def test_frechet_distance_of_gaussians_with_shifted_means():
     assert frechet_distance(features, shifted) == pytest.approx(25.0, rel=1e-6)
 
 
+@pytest.mark.parametrize(("count_a", "count_b"), [(40, 30), (5, 6), (40, 4)])  # more, fewer and mixed vs D = 8
+def test_frechet_distance_equals_the_definition_with_singular_covariances_too(count_a, count_b):
+    rng = np.random.default_rng(1)
+    features_a = rng.normal(size=(count_a, 8)) @ rng.normal(size=(8, 8))
+    features_b = rng.normal(size=(count_b, 8)) * 0.7 + 0.3
+    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    # Tr sqrt(S_a S_b) straight from the eigenvalues of the (non-symmetric) product
+    root_trace = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)).sum()
+    mean_term = ((features_a.mean(0) - features_b.mean(0)) ** 2).sum()
+    expected = mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * root_trace
+    assert frechet_distance(features_a, features_b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(features_b, features_a) == pytest.approx(expected, rel=1e-6)
+
+
 def test_fid_with_a_tiny_feature_extractor():
     extractor = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten())  # [B, 1, H, W] -> [B, 16]
     real, alike, darker = discs(64, seed=0), discs(64, seed=1), discs(64, seed=2, brightness=0.4)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -116,14 +115,26 @@ def _as_float(images: np.ndarray) -> Tensor:
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)) for feature sets [N, D] and [M, D]."""
-    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
-    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    root = scipy.linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(root).all():  # a singular product: nudge both covariances, as FID implementations do
-        offset = np.eye(len(cov_a)) * 1e-6
-        root = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)) for feature sets [N, D] and [M, D].
+
+    Tr sqrt(S_a S_b) is computed exactly without a D x D matrix square root (scipy's sqrtm takes over a minute
+    for Inception's D = 2048 on two cores, and is unreliable on the singular covariances of N < D images): with
+    S_a = L L^T, the product S_a S_b has the eigenvalues of the symmetric positive semi-definite L^T S_b L, so the
+    trace is the sum of their square roots."""
+    factor = _covariance_factor(features_a)
+    cov_b = np.atleast_2d(np.cov(features_b, rowvar=False))
+    cross = np.sqrt(np.linalg.eigvalsh(factor.T @ cov_b @ factor).clip(min=0)).sum()
+    mean_term = ((features_a.mean(0) - features_b.mean(0)) ** 2).sum()
+    return float(mean_term + (factor ** 2).sum() + np.trace(cov_b) - 2 * cross)
+
+
+def _covariance_factor(features: np.ndarray) -> np.ndarray:
+    """L [D, R] with L L^T the sample covariance of `features` [N, D]; R = min(N, D) keeps L^T S L small."""
+    centred = features - features.mean(0)
+    if len(features) <= features.shape[1]:  # few images: the centred data itself is a factor
+        return centred.T / np.sqrt(len(features) - 1)
+    values, vectors = np.linalg.eigh(centred.T @ centred / (len(features) - 1))
+    return vectors * np.sqrt(values.clip(min=0))
 
 
 @torch.no_grad()
@@ -131,8 +142,9 @@ def fid(real: Tensor, generated: Tensor, extractor: nn.Module, *, batch_size: in
     """Fréchet distance between `extractor` features of `real` and `generated` images [N, 1, H, W].
 
     `extractor` maps a float batch [B, 1, H, W] in [0, 1] to features [B, D]; for the standard FID it resizes
-    to 299x299, repeats the channel three times and returns Inception-v3 pool features."""
+    to 299x299, repeats the channel three times and returns Inception-v3 pool features. Images and extractor
+    may be on any device; the features are brought back to the CPU."""
     def features(images: Tensor) -> np.ndarray:
-        return torch.cat([extractor(batch).double() for batch in images.split(batch_size)]).numpy()
+        return torch.cat([extractor(batch).double().cpu() for batch in images.split(batch_size)]).numpy()
 
     return frechet_distance(features(real), features(generated))
