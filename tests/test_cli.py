@@ -7,7 +7,9 @@ import time
 
 import pytest
 
+from brainvq import api
 from brainvq.cli import build_parser, main
+from brainvq.errors import CheckpointError
 
 TRAIN_FAST = ["--batch-size", "8", "--quiet", "--max-minutes", "0"]
 
@@ -144,3 +146,14 @@ def test_data_from_volumes_writes_the_oasis_layout_and_check_accepts_it(tmp_path
     written = sorted((out / "keras_png_slices_train").iterdir()) + sorted((out / "keras_png_slices_test").iterdir())
     assert len(written) % 32 == 0 and written
     assert (out / "cases.tsv").exists()
+
+
+def test_evaluate_samples_reads_the_fid_weights_before_sampling(tmp_path, capsys):
+    weights = tmp_path / "fid.safetensors"
+    weights.write_bytes(b"not safetensors")
+    # The run folder does not exist either: the weights are read first, so their error comes first.
+    assert main(["evaluate-samples", str(tmp_path / "no_run"), "--fid-weights", str(weights)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"brainvq: error: {weights}: not a valid safetensors") and error.count("\n") == 1
+    with pytest.raises(CheckpointError, match=r"absent\.safetensors: checkpoint file does not exist"):
+        api.evaluate_samples(tmp_path / "no_run", fid_weights=tmp_path / "absent.safetensors")

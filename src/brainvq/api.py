@@ -22,9 +22,10 @@ from brainvq.config import TrainConfig, VQVAEConfig, load_json, save_json
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.data.demo import make_demo_cohort
 from brainvq.distributed import barrier, is_main, process_group
-from brainvq.errors import ConfigError
+from brainvq.errors import CheckpointError, ConfigError
 from brainvq.images import save_grid, save_png, to_uint8
-from brainvq.metrics.samples import c2st_auc, mean_pairwise_ms_ssim, nearest_ssim
+from brainvq.metrics.inception import load_inception
+from brainvq.metrics.samples import c2st_auc, fid, mean_pairwise_ms_ssim, nearest_ssim
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.reconstruction import measure_reconstructions, reconstruct_batches
@@ -40,7 +41,7 @@ from brainvq.run import (
 )
 from brainvq.runtime import prepare_module, resolve_device, seed_everything
 from brainvq.sampling import draw_uniforms, sample_fast, sample_naive
-from brainvq.training.loop import train
+from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, train
 from brainvq.training.prior import PriorTask, code_dataset, nll_bits_per_code
 from brainvq.training.vqvae import VQVAETask
 
@@ -145,7 +146,8 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
             return {}
     best, metadata = load_prior(run_dir)
     results = {  # the best checkpoint's validation figure was measured when it was saved; only test is new
-        "validate_nll_bits_per_code": metadata["val"]["nll_bits_per_code"],
+        "validate_nll_bits_per_code": _number(metadata.get("val"), "nll_bits_per_code",
+                                              run_dir / PRIOR_FOLDER / BEST_CHECKPOINT),
         "test_nll_bits_per_code": nll_bits_per_code(best.to(device), code_dataset(grids["test"]),
                                                     precision=train_config.precision),
         "checkpoint_epoch": metadata["epoch"], "grid_size": vqvae_config.grid_size,
@@ -164,7 +166,9 @@ def _run_settings(folder: Path, model_class: type, model_config: Any, train_conf
     if resume:
         model_config, saved = read_run_config(folder, model_class)
         return model_config, resumed_train_config(saved, overrides or {}, folder)
-    if (folder / CONFIG_FILE).exists():
+    # A config.json without a checkpoint is a run that failed before its first epoch: nothing to lose by
+    # starting it again, and a user who fixed the mistake should not be told to resume a run that never began.
+    if (folder / CONFIG_FILE).exists() and (folder / LAST_CHECKPOINT).exists():
         raise ConfigError("already holds a training run; pass --resume to continue it or choose a new "
                           "output folder", folder)
     train_config = dataclasses.replace(train_config or TrainConfig(), data_dir=str(Path(data_dir).resolve()))
@@ -227,11 +231,21 @@ def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> 
 
 
 def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = 64, seed: int = 0,
-                     device: str = "auto") -> dict[str, Any]:
+                     device: str = "auto", fid_weights: str | Path | None = None) -> dict[str, Any]:
     """Quality, diversity and novelty of `n` samples against the test and train splits; writes
     RUN/eval_samples.json, RUN/samples_grid.png and RUN/samples_by_position.png (positions 0..31) and returns
-    the figures."""
+    the figures.
+
+    With `fid_weights` (FID Inception weights as safetensors, see scripts/convert_fid_weights.py) the figures
+    include "fid": the Fréchet Inception Distance between the n samples and n real test slices. FID is biased
+    upwards at small n (the covariances of 2048 features are estimated from n images), so compare values
+    measured with the same n only; published FIDs use 10,000 or more images."""
     run_dir = Path(run_dir)
+    # Read before sampling, which takes minutes: a bad weights file fails at once.
+    fid_device = resolve_device(device)
+    inception = None if fid_weights is None else load_inception(fid_weights).to(fid_device)
+    prior_nll = _number(load_json(run_dir / PRIOR_FOLDER / "eval_prior.json"), "test_nll_bits_per_code",
+                        run_dir / PRIOR_FOLDER / "eval_prior.json")
     data_dir = Path(data_dir or read_run_config(run_dir)[1].data_dir)
     generated, positions, seconds = generate(run_dir, n, seed=seed, device=device)
     test, train = load_split(data_dir, "test"), load_split(data_dir, "train")
@@ -245,7 +259,6 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     real = torch.from_numpy(test.images[np.sort(chosen)].astype(np.float32) / 255).unsqueeze(1)
     nearest_generated = nearest_ssim(generated, train.images)
     nearest_real = nearest_ssim(real, train.images)
-    prior_results = load_json(run_dir / PRIOR_FOLDER / "eval_prior.json")
     results = {
         "n_generated": n,
         "n_real_test": len(real),
@@ -254,15 +267,25 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
         "diversity_ms_ssim_real_test": mean_pairwise_ms_ssim(real),
         "nearest_train_ssim": _summary(nearest_generated),
         "nearest_train_ssim_real_test": _summary(nearest_real),
-        "prior_nll_bits_per_code": prior_results["test_nll_bits_per_code"],
+        "prior_nll_bits_per_code": prior_nll,
         "seconds_per_generated_image": seconds / n,
     }
+    if inception is not None:
+        results["fid"] = fid(real.to(fid_device), generated.to(fid_device), inception)
     save_json(run_dir / "eval_samples.json", results)
     _save_tiles(to_uint8(generated[:32]), run_dir / "samples_grid.png")
     by_position, _, _ = generate(run_dir, SLICE_POSITIONS, seed=seed, slice_position=list(range(SLICE_POSITIONS)),
                                  device=device)
     _save_tiles(to_uint8(by_position), run_dir / "samples_by_position.png")
     return results
+
+
+def _number(values: Any, key: str, source: Path) -> float:
+    """values[key] as a float, or a CheckpointError naming `source` (a damaged or hand-edited record)."""
+    value = values.get(key) if isinstance(values, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"has no number {key}; run train-prior again to remake it", source)
+    return float(value)
 
 
 def _summary(values: torch.Tensor) -> dict[str, float]:

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="samples to generate (default 64)")
     sample_evaluation.add_argument("--seed", type=seed, default=0)
     sample_evaluation.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sample_evaluation.add_argument("--fid-weights", type=Path, metavar="FILE",
+                                   help="FID Inception weights (safetensors, made by scripts/convert_fid_weights.py):"
+                                        " adds the FID of samples vs real test slices")
     sample_evaluation.set_defaults(handler=run_evaluate_samples)
 
     report = commands.add_parser("report", help="write RUN/report.html: curves, pictures and figures")
@@ -302,7 +305,7 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
     from brainvq import api
 
     print(json.dumps(api.evaluate_samples(args.run, data_dir=args.data, n=args.n, seed=args.seed,
-                                          device=args.device), indent=2))
+                                          device=args.device, fid_weights=args.fid_weights), indent=2))
 
 
 def run_report(args: argparse.Namespace) -> None:
