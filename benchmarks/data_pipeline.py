@@ -13,9 +13,11 @@ cache in `--workdir/cache` via BRAINVQ_CACHE_DIR so that nothing outside it is t
    a fresh Python process so that peak memory is per size. A control run trains the 1x cohort for as many
    epochs as make the steps of the largest cohort's epoch: memory that grows with the number of steps, not with
    the data, shows there too. Sizes are interleaved over `--repeats`.
-3. Peak memory of those runs: the peak resident set (VmHWM, which equals ru_maxrss) and, sampled every 20 ms,
-   its anonymous part (heap: model, activations, batches) and its file-backed part (mapped files, among them
-   the memmap cache, whose pages count as resident once read but belong to the page cache and are reclaimable).
+3. Peak memory of those runs: the peak resident set (VmHWM of the child's own address space; its ru_maxrss is
+   recorded too but not used, because on Linux it carries the parent's peak over fork and exec) and the peaks,
+   sampled every 20 ms, of its anonymous part (heap: model, activations, batches) and its file-backed part
+   (mapped files, among them the memmap cache, whose pages count as resident once read but belong to the page
+   cache and are reclaimable).
    The first (1x) size is the "short training run at the default batch size".
 
 The JSON also records how long `load_split` took per cohort in this run: it decodes the PNGs into the cache when
