@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from brainvq.distributed import world_size
+
 
 @dataclass
 class QuantizerOutput:
@@ -83,11 +85,11 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _learn(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
         counts = torch.bincount(indices, minlength=self.codebook_size).to(flat.dtype)
-        if _distributed():
+        if world_size() > 1:
             dist.all_reduce(counts)
         if self.ema:
             sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
-            if _distributed():
+            if world_size() > 1:
                 dist.all_reduce(sums)
             self.ema_count.lerp_(counts, 1 - self.ema_decay)
             self.ema_sum.lerp_(sums, 1 - self.ema_decay)
@@ -104,7 +106,7 @@ class VectorQuantizer(nn.Module):
         if dead.numel() == 0:
             return
         replacements = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
-        if _distributed():
+        if world_size() > 1:
             dist.broadcast(replacements, src=0)
         codebook = self.codebook.data if isinstance(self.codebook, nn.Parameter) else self.codebook
         codebook[dead] = replacements
@@ -112,10 +114,6 @@ class VectorQuantizer(nn.Module):
             self.ema_count[dead] = 1.0
             self.ema_sum[dead] = replacements
         self.steps_unused[dead] = 0
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class CodeUsage:
