@@ -108,7 +108,7 @@ def vqvae_step(precision: str, compiled: bool, batch_size: int, config: VQVAECon
 
 def prior_step(precision: str, compiled: bool, batch_size: int, config: PixelCNNConfig) -> TrainingStep:
     torch.manual_seed(0)
-    model = GatedPixelCNN(config).to(torch.device("cpu"))  # as api.train_prior does
+    model = prepare_module(GatedPixelCNN(config), torch.device("cpu"), precision)  # as api.train_prior does
     codes = torch.randint(0, config.codebook_size, (batch_size, config.grid_size, config.grid_size))
     positions = torch.randint(0, config.positions, (batch_size,))
     task = PriorTask(model, TensorDataset(codes[:1], positions[:1]), precision=precision)

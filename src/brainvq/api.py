@@ -137,7 +137,7 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
         barrier()
         grids = grids or _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision)
         seed_everything(train_config.seed)
-        model = GatedPixelCNN(prior_config).to(device)
+        model = prepare_module(GatedPixelCNN(prior_config), device, train_config.precision)
         if not resume and is_main():
             write_run_config(prior_dir, prior_config, train_config)
         task = PriorTask(model, code_dataset(grids["validate"]), precision=train_config.precision)

@@ -1,10 +1,11 @@
+import copy
 import dataclasses
 
 import pytest
 import torch
 
 from brainvq.errors import ConfigError
-from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
+from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig, _layer_bias
 
 
 def input_gradients(model: GatedPixelCNN, codes: torch.Tensor, row: int, column: int) -> torch.Tensor:
@@ -97,3 +98,30 @@ def test_the_position_map_gives_each_slice_position_its_own_spatial_pattern():
 def test_invalid_config_is_refused():
     with pytest.raises(ConfigError, match="kernel_size"):
         GatedPixelCNN(PixelCNNConfig(kernel_size=4))
+
+
+def test_the_layer_bias_is_in_the_features_dtype_and_channels_last():
+    # An fp32 bias under bf16 autocast would push every gate and its backward into fp32, and a channels-first
+    # bias makes its gradient's sum over the batch slow: both cost the prior a large share of its training step.
+    vector, location = torch.randn(3, 8), torch.randn(8, 5, 5, dtype=torch.bfloat16)
+    bias = _layer_bias(vector, location, torch.bfloat16)
+    assert bias.dtype == torch.bfloat16 and bias.shape == (3, 8, 5, 5)
+    assert bias.is_contiguous(memory_format=torch.channels_last)
+    expected = vector.to(torch.bfloat16)[:, :, None, None] + location
+    assert torch.equal(bias, expected)
+
+
+def test_bf16_channels_last_training_matches_fp32_and_its_gates_run_in_bf16():
+    torch.manual_seed(0)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=2, grid_size=6)
+    model = GatedPixelCNN(config)
+    torch.nn.init.normal_(model.conditioning.weight)
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    codes, positions = torch.randint(0, 6, (4, 6, 6)), torch.randint(0, 32, (4,))
+    gate_dtypes = []
+    handle = fast.layers[0].skip.register_forward_pre_hook(lambda module, inputs: gate_dtypes.append(inputs[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_logits = fast(codes, positions)
+    handle.remove()
+    assert gate_dtypes == [torch.bfloat16]
+    torch.testing.assert_close(fast_logits.float(), model(codes, positions), rtol=0.05, atol=0.05)
