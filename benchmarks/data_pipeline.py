@@ -4,7 +4,7 @@ Three measurements on demo cohorts (`brainvq.api.make_demo_data`, written under 
 cache in `--workdir/cache` via BRAINVQ_CACHE_DIR so that nothing outside it is touched):
 
 1. Loading against training, on the largest cohort, interleaved over rounds: images/s that the training loop's
-   own DataLoader (`training.loop._epoch_loader` over `SliceDataset`, i.e. the uint8 memmap cache) delivers
+   own DataLoader (`training.loop.epoch_loader` over `SliceDataset`, i.e. the uint8 memmap cache) delivers
    over a whole epoch; images/s that the default VQ-VAE training step (bf16 + channels_last, the loop's own
    step, see train_throughput.py) consumes on batches from that loader; and the two together, one step per
    batch as the loop does.
@@ -60,7 +60,7 @@ from train_throughput import vqvae_step
 from brainvq.api import make_demo_data, train_vqvae
 from brainvq.config import TrainConfig, VQVAEConfig
 from brainvq.data.dataset import SliceDataset, load_split
-from brainvq.training.loop import _epoch_loader
+from brainvq.training.loop import epoch_loader
 
 RESULT_PREFIX = "RESULT "
 QUICK_MODEL = VQVAEConfig(channels=8, residual_channels=4, code_dim=8)  # --quick: a tiny network, same data
@@ -151,7 +151,7 @@ def loading_against_training(data_dir: Path, cache_dir: Path, args: argparse.Nam
     epochs = itertools.count(1)
 
     def loader() -> DataLoader:  # the training loop's own loader of one epoch
-        return _epoch_loader(train_set, TrainConfig(), next(epochs), torch.device("cpu"))
+        return epoch_loader(train_set, TrainConfig(), next(epochs), torch.device("cpu"))
 
     def loading() -> float:
         delivered = 0

@@ -3,13 +3,13 @@
 For each model, three variants of one full training step (forward, loss, backward, AdamW step) on one batch:
 
 - `fp32_nchw_eager`: the baseline, fp32 and NCHW tensors, no compilation;
-- `default`: what `brainvq train-vqvae` / `train-prior` run: the model prepared as `brainvq.api` prepares it
-  (`runtime.prepare_module` for the VQ-VAE: channels_last; the prior is only moved to the device), bf16
-  autocast, and the training loop's own step: `training.loop._forward_backward` (autocast, the task's
-  `training_step`, backward, gradient clipping), the loop's buffer snapshot and finiteness check, AdamW;
-- `compiled`: the default path with the task's network replaced by `torch.compile(model)`, as the loop swaps in
-  a DDP wrapper (skipped with `--no-compile`; a compile failure is recorded, not fatal). The first calls, which
-  compile, are timed separately and not counted.
+- `default`: what `brainvq train-vqvae` / `train-prior` run on CPU: the model prepared as `brainvq.api` prepares
+  it (`runtime.prepare_module`: channels_last for bf16), bf16 autocast, and the training loop's own step:
+  `training.loop.forward_backward` (autocast, the task's `training_step`, backward, gradient clipping), the
+  loop's buffer snapshot and finiteness check, AdamW;
+- `compiled`: the default path with the task's network replaced by `torch.compile(model)`, as training does with
+  `--compile on` (the default on CUDA); skipped with `--no-compile`; a compile failure is recorded, not fatal. The
+  first calls, which compile, are timed separately and not counted.
 
 Floating-point operations per step are counted once with `torch.utils.flop_counter.FlopCounterMode` (matrix
 products and convolutions, forward and backward). The bf16 matmul peak (`peak.py`) is measured in every round,
@@ -55,7 +55,7 @@ from brainvq.config import TrainConfig, VQVAEConfig
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.runtime import autocast, prepare_module
-from brainvq.training.loop import _forward_backward
+from brainvq.training.loop import forward_backward
 from brainvq.training.prior import PriorTask
 from brainvq.training.vqvae import VQVAETask
 
@@ -77,7 +77,7 @@ class TrainingStep:
 
     def __call__(self) -> None:
         buffers = [buffer.detach().clone() for buffer in self.task.model.buffers()]  # the loop's undo snapshot
-        terms, gradient_norm = _forward_backward(self.task, self.batch, self.optimizer, self.config)
+        terms, gradient_norm = forward_backward(self.task, self.batch, self.optimizer, self.config)
         if math.isfinite(float(terms["loss"].detach())) and math.isfinite(gradient_norm):
             self.optimizer.step()
         del buffers

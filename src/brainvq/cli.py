@@ -176,6 +176,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, *, epochs_default: 
     parser.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="bf16 autocast (default) or fp32")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when present")
+    parser.add_argument("--compile", choices=("auto", "on", "off"),
+                        help="torch.compile the network (default auto: on CUDA only)")
     parser.add_argument("--seed", type=seed, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue the run from its last finished epoch")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch line")
@@ -225,7 +227,8 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 
 PRIOR_MINUTES = 8.0  # default training budget of the prior: the demo's whole job fits in 25 CPU minutes
-TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "lr", "precision", "device", "seed")
+TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "lr", "precision", "device", "compile",
+                      "seed")
 
 
 def _given_training_options(args: argparse.Namespace) -> dict[str, Any]:

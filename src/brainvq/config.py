@@ -90,6 +90,7 @@ class TrainConfig:
     max_grad_norm: float | None = MAX_GRAD_NORM  # gradients are clipped to this global norm (None: never)
     precision: str = "bf16"  # "bf16" autocast (+ channels_last) or "fp32"
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
+    compile: str = "auto"  # torch.compile the network: "auto" (on CUDA only), "on" or "off"
     seed: int = 0
     val_images: int = 256  # validation subset per epoch (evenly spaced over the split)
     data_dir: str = ""
@@ -106,6 +107,7 @@ class TrainConfig:
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         _require(self.precision in ("bf16", "fp32"), "precision", "must be 'bf16' or 'fp32'")
         _require(self.device in ("auto", "cpu", "cuda"), "device", "must be 'auto', 'cpu' or 'cuda'")
+        _require(self.compile in ("auto", "on", "off"), "compile", "must be 'auto', 'on' or 'off'")
         _require(self.val_images >= 1, "val_images", "must be >= 1")
         _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}")
 

@@ -45,6 +45,14 @@ def prepare_module(module: nn.Module, device: torch.device, precision: str) -> n
     return module.to(memory_format=torch.channels_last) if precision == "bf16" else module
 
 
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """Whether training runs its network through torch.compile: "on", "off", or "auto" = on CUDA only.
+
+    Why not on CPU by default: there it gave the VQ-VAE nothing and the prior 5-12% (benchmarks/RESULTS.md), for
+    15-50 s of compiling and a C++ compiler that a laptop may not have."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def prepare_images(images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
     """[B, 1, S, S] batch to `device` in the layout `prepare_module` chose."""
     images = images.to(device, non_blocking=True)

@@ -10,9 +10,17 @@ from torch.utils.data import TensorDataset
 
 from brainvq.checkpoint import load_checkpoint
 from brainvq.config import TrainConfig, VQVAEConfig
+from brainvq.errors import TrainingError
 from brainvq.models.vqvae import VQVAE
-from brainvq.runtime import prepare_module, seed_everything
-from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, MAX_BAD_STEPS, METRICS_FILE, train
+from brainvq.runtime import compile_enabled, prepare_module, seed_everything
+from brainvq.training.loop import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    MAX_BAD_STEPS,
+    METRICS_FILE,
+    forward_backward,
+    train,
+)
 from brainvq.training.vqvae import VQVAETask
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,7 +136,6 @@ def test_repeated_non_finite_losses_stop_the_run_and_leave_the_last_checkpoint_i
 
 
 def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_clipping_is_reported():
-    from brainvq.training.loop import _forward_backward
 
     model = prepare_module(VQVAE(SMALL), torch.device("cpu"), "fp32").eval()  # eval: the codebook stays put
     task = VQVAETask(model, blob_images(8, seed=1), precision="fp32", val_images=8)
@@ -136,7 +143,7 @@ def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_clipping_is_
     batch = blob_images(4).tensors
     norms = {}
     for limit in (None, 1e-3):
-        _, reported = _forward_backward(task, batch, optimizer, TrainConfig(precision="fp32", max_grad_norm=limit))
+        _, reported = forward_backward(task, batch, optimizer, TrainConfig(precision="fp32", max_grad_norm=limit))
         after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
         norms[limit] = (reported, float(after))
     unclipped, _ = norms[None]
@@ -174,3 +181,45 @@ def test_a_read_only_output_folder_is_a_clear_error_naming_the_file(tmp_path, mo
 
     with pytest.raises(OutputError, match=r"safetensors: cannot write \(Read-only file system\); nothing was written"):
         run(tmp_path, 1)
+
+
+def test_compile_auto_means_cuda_only():
+    assert not compile_enabled("auto", torch.device("cpu")) and compile_enabled("auto", torch.device("cuda"))
+    assert compile_enabled("on", torch.device("cpu")) and not compile_enabled("off", torch.device("cuda"))
+
+
+def test_a_compiled_network_gives_the_same_loss_and_gradients_as_the_eager_one():
+    seed_everything(0)
+    model = VQVAE(SMALL)
+    batch = next(iter(torch.utils.data.DataLoader(blob_images(4), batch_size=4)))
+    gradients = []
+    for network in (model, torch.compile(model)):
+        task = VQVAETask(model, blob_images(4), precision="fp32")
+        task.network = network
+        optimizer = torch.optim.AdamW(model.parameters())
+        state = {name: buffer.clone() for name, buffer in model.named_buffers()}  # the EMA update runs in forward
+        terms, _ = forward_backward(task, batch, optimizer, TrainConfig(precision="fp32"))
+        model.load_state_dict(state, strict=False)
+        gradients.append([terms["loss"].detach()] + [parameter.grad.clone() for parameter in model.parameters()])
+    for eager, compiled in zip(*gradients, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_a_compiled_run_trains_and_saves_the_plain_model(tmp_path):
+    eager = run(tmp_path / "eager", 1, precision="fp32", max_steps=3)
+    compiled = run(tmp_path / "compiled", 1, precision="fp32", max_steps=3, compile="on")
+    assert compiled[-1]["train"]["loss"] == pytest.approx(eager[-1]["train"]["loss"], rel=1e-3)
+    eager_weights, _ = load_checkpoint(tmp_path / "eager" / LAST_CHECKPOINT)
+    compiled_weights, _ = load_checkpoint(tmp_path / "compiled" / LAST_CHECKPOINT)
+    assert compiled_weights.keys() == eager_weights.keys()  # no "_orig_mod." prefix from the compiled wrapper
+
+
+def test_a_failing_compiler_is_a_clear_error_that_names_the_way_out(tmp_path, monkeypatch):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: real_compile(module, backend=broken_backend))
+    with pytest.raises(TrainingError, match="--compile off"):
+        run(tmp_path, 1, precision="fp32", max_steps=1, compile="on")
+    assert not (tmp_path / LAST_CHECKPOINT).exists()

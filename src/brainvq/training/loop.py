@@ -14,6 +14,8 @@ measure over an epoch, how to validate. The loop owns everything else:
   in the epoch's `skipped_steps`); MAX_BAD_STEPS of them in a row stop the run with a `TrainingError`, before
   anything is saved, so the last good checkpoint stays as it was;
 - gradients are clipped to `max_grad_norm`; the epoch's mean norm before clipping is logged as `grad_norm`;
+- the network runs through torch.compile when `config.compile` says so (runtime.compile_enabled); validation
+  and checkpoints use the plain model;
 - under torchrun the model is wrapped in DDP and each process trains on its share of every global batch
   (distributed.py has the rules).
 """
@@ -30,6 +32,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
@@ -46,7 +49,7 @@ from brainvq.checkpoint import (
 from brainvq.config import TrainConfig
 from brainvq.distributed import any_process, barrier, is_main, rank, world_size
 from brainvq.errors import CheckpointError, ConfigError, TrainingError
-from brainvq.runtime import autocast, seed_everything
+from brainvq.runtime import autocast, compile_enabled, seed_everything
 
 LAST_CHECKPOINT = "checkpoints/last.safetensors"
 BEST_CHECKPOINT = "checkpoints/best.safetensors"
@@ -100,6 +103,8 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
             _write_metrics(run_dir, history)
     if processes > 1:  # DDP averages the gradients over the processes during backward
         task.network = DistributedDataParallel(task.model, device_ids=[device] if device.type == "cuda" else None)
+    if compile_enabled(config.compile, device):
+        task.network = torch.compile(task.network)
     sign = 1.0 if task.higher_is_better else -1.0  # compare `sign * metric`, so that higher is always better
     best = max((sign * record["val"][task.selection_metric] for record in history), default=-math.inf)
     first_epoch = history[-1]["epoch"] + 1 if history else 1
@@ -110,7 +115,7 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
 
     for epoch in range(first_epoch, config.epochs + 1):
         seed_everything(epoch_seed(config.seed, epoch))
-        loader = _epoch_loader(train_set, config, epoch, device)
+        loader = epoch_loader(train_set, config, epoch, device)
         task.model.train()
         task.start_epoch()
         sums: dict[str, float] = {}
@@ -128,7 +133,7 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
                 break
             _set_learning_rate(optimizer, config, step)
             buffers = [buffer.detach().clone() for buffer in task.model.buffers()]
-            terms, gradient_norm = _forward_backward(task, batch, optimizer, config)
+            terms, gradient_norm = forward_backward(task, batch, optimizer, config)
             finite = math.isfinite(float(terms["loss"].detach())) and math.isfinite(gradient_norm)
             if _in_any_process(not finite, device):
                 # Skipping must also undo what the forward pass changed in buffers (e.g. an EMA codebook).
@@ -184,7 +189,7 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
     return history
 
 
-def _epoch_loader(train_set: Dataset, config: TrainConfig, epoch: int, device: torch.device) -> DataLoader:
+def epoch_loader(train_set: Dataset, config: TrainConfig, epoch: int, device: torch.device) -> DataLoader:
     """This process's batches of one epoch: every process shuffles with the same seed, and each takes its
     batch_size / processes share of every global batch (one process: a plain seeded shuffle)."""
     processes = world_size()
@@ -198,14 +203,18 @@ def _epoch_loader(train_set: Dataset, config: TrainConfig, epoch: int, device: t
     return loader
 
 
-def _forward_backward(task: TrainingTask, batch: Any, optimizer: torch.optim.Optimizer,
+def forward_backward(task: TrainingTask, batch: Any, optimizer: torch.optim.Optimizer,
                       config: TrainConfig) -> tuple[dict[str, torch.Tensor], float]:
     """Loss terms and gradients of one batch, the gradients clipped to `max_grad_norm`; returns (terms, norm
     before clipping)."""
-    with autocast(task_device(task), config.precision):
-        terms = task.training_step(batch)
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
+    try:
+        with autocast(task_device(task), config.precision):
+            terms = task.training_step(batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+    except TorchDynamoException as error:  # e.g. Inductor on a CPU without a C++ compiler
+        raise TrainingError(f"torch.compile failed ({str(error).splitlines()[0][:200]}); "
+                            "train with --compile off") from error
     limit = config.max_grad_norm if config.max_grad_norm is not None else math.inf
     return terms, float(nn.utils.clip_grad_norm_(task.model.parameters(), limit))
 
