@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from brainvq.runtime import machine_description
+from brainvq.runtime import machine_description, reuse_freed_memory
 
 RUNS_DIR = Path("runs")
 
@@ -101,9 +101,12 @@ def cpu_identity() -> dict[str, Any]:
     return identity
 
 
-def environment() -> dict[str, Any]:
-    """What a result needs to be read later: date, machine, torch version and threads, load at the start."""
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """Set the process up as brainvq's command does (freed memory kept for reuse, unless --malloc-defaults), and
+    return what a result needs to be read later: date, machine, torch version and threads, load at the start."""
+    kept = False if args.malloc_defaults else reuse_freed_memory()
     return {
+        "reuse_freed_memory": kept,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_description(),
         "cpu": cpu_identity(),
@@ -118,6 +121,9 @@ def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """--quick (tiny sizes: a smoke check in seconds, figures meaningless) and --json (where the result goes)."""
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and one round: checks that the script runs, its figures mean nothing")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="leave glibc's malloc as it is (brainvq itself keeps freed memory for reuse): shows "
+                             "what brainvq.runtime.reuse_freed_memory gains")
     parser.add_argument("--json", type=Path, default=None,
                         help=f"result file (default {RUNS_DIR}/bench_{name}.json, or _quick.json with --quick)")
 

@@ -204,7 +204,7 @@ def main() -> None:
     if args.quick:
         args.train_cases, args.repeats, args.rounds, args.steps = [1, 2], 1, 1, 1
         args.workdir = args.workdir.with_name(args.workdir.name + "_quick")
-    env = environment()
+    env = environment(args)
     cache_dir = args.workdir / "cache"
 
     cohorts, loads = {}, {}

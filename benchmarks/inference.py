@@ -58,7 +58,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.encode_batches = 1, 1
         vqvae_config, prior_config = VQVAEConfig(image_size=32), PixelCNNConfig(grid_size=8)
-    env = environment()
+    env = environment(args)
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     size, grid = vqvae_config.image_size, vqvae_config.grid_size

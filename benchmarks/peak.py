@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.rounds, args.repeats = [256], 1, 2
-    env = environment()
+    env = environment(args)
 
     rates: dict[str, list[float]] = {}
 

@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.grid_sizes, args.naive_positions, args.rounds = [8], 4, 1
-    env = environment()
+    env = environment(args)
     measures = {}
     for grid_size in args.grid_sizes:
         torch.manual_seed(0)

@@ -175,7 +175,7 @@ def main() -> None:
     if args.quick:
         args.batch_size, args.rounds, args.steps, args.warmup, args.peak_size = 2, 1, 1, 0, 256
     compile_variant = (not args.quick) if args.compile is None else args.compile
-    env = environment()
+    env = environment(args)
 
     steps: dict[str, TrainingStep] = {}
     records: dict[str, dict[str, Any]] = {}

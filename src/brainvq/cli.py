@@ -331,6 +331,9 @@ def raise_usage(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from brainvq.runtime import reuse_freed_memory  # imports torch: not before --help has been answered
+
+    reuse_freed_memory()  # the whole process is ours: see runtime.reuse_freed_memory
     handler: Callable[[argparse.Namespace], Any] = args.handler
     try:
         return int(handler(args) or 0)
