@@ -1,8 +1,9 @@
-"""Where and how tensors are computed: device choice, mixed precision, memory layout and seeding.
+"""Where and how tensors are computed: device choice, mixed precision, memory layout, compilation, the memory
+allocator and seeding.
 
-On CPU the fast path is bf16 autocast with channels_last tensors: 2-3x fp32 NCHW on an AVX-512-bf16 CPU
-(2.07x and 3.06x measured on two hosts, benchmarks/RESULTS.md). On CUDA it is bf16 autocast with TF32
-matmuls. fp32 stays available everywhere (`precision="fp32"`).
+On CPU the fast path is bf16 autocast with channels_last tensors: about 2x fp32 NCHW on an AVX-512-bf16 CPU,
+which is what its bf16:fp32 arithmetic ratio allows (benchmarks/RESULTS.md). On CUDA it is bf16 autocast with
+TF32 matmuls and torch.compile. fp32 stays available everywhere (`precision="fp32"`).
 """
 
 from __future__ import annotations
