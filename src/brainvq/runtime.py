@@ -55,8 +55,8 @@ def prepare_module(module: nn.Module, device: torch.device, precision: str) -> n
 def compile_enabled(setting: str, device: torch.device) -> bool:
     """Whether training runs its network through torch.compile: "on", "off", or "auto" = on CUDA only.
 
-    Why not on CPU by default: there it gave the VQ-VAE nothing and the prior 5-12% (benchmarks/RESULTS.md), for
-    15-50 s of compiling and a C++ compiler that a laptop may not have."""
+    Why not on CPU by default: there it gave the VQ-VAE nothing and the prior 6% (benchmarks/RESULTS.md), for
+    3-50 s of compiling and a C++ compiler that a laptop may not have."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
