@@ -55,6 +55,17 @@ def test_two_gloo_processes_train_the_same_weights_as_one_process_with_the_same_
     assert load_checkpoint(parallel / "prior" / LAST_CHECKPOINT)[1]["step"] == 5
 
 
+@pytest.mark.slow
+def test_compiled_data_parallel_training_trains_the_same_prior_as_one_eager_process(tiny_cohort, tmp_path):
+    # On CUDA, --compile auto compiles, so torchrun on a GPU cluster runs torch.compile over DDP: check that pair.
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main(["train-vqvae", "--data", str(tiny_cohort), "--out", str(eager), "--downsample", "8", *STEPS]) == 0
+    shutil.copytree(eager, compiled)
+    assert main(["train-prior", str(eager), *STEPS, *TINY_PRIOR, "--compile", "off"]) == 0
+    torchrun("train-prior", str(compiled), *STEPS, *TINY_PRIOR, "--compile", "on")
+    assert_same_weights(eager / "prior", compiled / "prior")
+
+
 def test_a_global_batch_that_does_not_split_evenly_over_the_processes_is_refused(tiny_cohort, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                "brainvq", "train-vqvae", "--data", str(tiny_cohort), "--out", str(tmp_path / "run"),
