@@ -35,6 +35,7 @@ from brainvq.run import (
     PRIOR_FOLDER,
     load_prior,
     load_vqvae,
+    prior_vqvae_mismatch,
     read_run_config,
     resumed_train_config,
     write_run_config,
@@ -127,10 +128,8 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
                                                   grid_size=vqvae_config.grid_size)
     prior_config, train_config = _run_settings(prior_dir, PixelCNNConfig, prior_config, train_config, resume=resume,
                                                overrides=resume_overrides, data_dir=data_dir)
-    for name, vqvae_value in (("codebook_size", vqvae_config.codebook_size), ("grid_size", vqvae_config.grid_size)):
-        if getattr(prior_config, name) != vqvae_value:
-            raise ConfigError(f"prior {name} {getattr(prior_config, name)} differs from the VQ-VAE's "
-                              f"{vqvae_value}", run_dir / CONFIG_FILE)
+    if problem := prior_vqvae_mismatch(prior_config, vqvae_config):
+        raise ConfigError(f"prior {problem}", run_dir / CONFIG_FILE)
     with process_group(train_config.device) as device:
         # Rank 0 encodes and caches the code grids; the others then read its cache.
         grids = _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision) if is_main() else None

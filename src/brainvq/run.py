@@ -91,8 +91,14 @@ def load_prior(run_dir: Path, *, checkpoint: str = "best") -> tuple[GatedPixelCN
     prior_dir = Path(run_dir) / PRIOR_FOLDER
     vqvae_config, _ = read_run_config(run_dir)
     prior_config, _ = read_run_config(prior_dir, PixelCNNConfig)
+    if problem := prior_vqvae_mismatch(prior_config, vqvae_config):
+        raise ConfigError(f"{problem} ({Path(run_dir) / CONFIG_FILE})", prior_dir / CONFIG_FILE)
+    return _load_model(prior_dir, GatedPixelCNN, PixelCNNConfig, checkpoint)
+
+
+def prior_vqvae_mismatch(prior_config: PixelCNNConfig, vqvae_config: VQVAEConfig) -> str | None:
+    """Why the VQ-VAE could not decode this prior's code grids (another codebook size or grid), or None."""
     for name, vqvae_value in (("codebook_size", vqvae_config.codebook_size), ("grid_size", vqvae_config.grid_size)):
         if getattr(prior_config, name) != vqvae_value:
-            raise ConfigError(f"{name} {getattr(prior_config, name)} differs from the VQ-VAE's {vqvae_value} "
-                              f"({Path(run_dir) / CONFIG_FILE})", prior_dir / CONFIG_FILE)
-    return _load_model(prior_dir, GatedPixelCNN, PixelCNNConfig, checkpoint)
+            return f"{name} {getattr(prior_config, name)} differs from the VQ-VAE's {vqvae_value}"
+    return None
