@@ -61,7 +61,7 @@ MAX_BAD_STEPS = 10  # non-finite losses in a row that stop a run: by then it is 
 
 class TrainingTask(Protocol):
     model: nn.Module  # what is trained, validated and saved
-    network: nn.Module  # what training_step runs forward: the model itself, or its DDP wrapper under torchrun
+    network: nn.Module  # what training_step runs forward: the model, or it wrapped in DDP and/or torch.compile
     selection_metric: str  # a key of validate()'s result: the best checkpoint is chosen by it
     higher_is_better: bool  # True for SSIM, False for a negative log-likelihood
 

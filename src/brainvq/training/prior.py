@@ -39,7 +39,7 @@ class PriorTask:
 
     def __init__(self, model: GatedPixelCNN, validation_set: TensorDataset, *, precision: str) -> None:
         self.model = model
-        self.network = model  # the training loop swaps in a DDP wrapper under torchrun
+        self.network = model  # the training loop swaps in its DDP wrapper and/or torch.compile
         self.validation_set = validation_set
         self.precision = precision
 

@@ -18,7 +18,7 @@ class VQVAETask:
 
     def __init__(self, model: VQVAE, validation_set: Dataset, *, precision: str, val_images: int = 256) -> None:
         self.model = model
-        self.network = model  # the training loop swaps in a DDP wrapper under torchrun
+        self.network = model  # the training loop swaps in its DDP wrapper and/or torch.compile
         self.precision = precision
         # An evenly spaced subset covers every case and slice position at a fixed, small cost per epoch.
         count = min(val_images, len(validation_set))
