@@ -27,8 +27,9 @@ def trained_run(tiny_cohort, tmp_path_factory):
     run = tmp_path_factory.mktemp("generation") / "run"
     api.train_vqvae(tiny_cohort, run, model_config=VQVAEConfig(downsample=8, channels=32, code_dim=16),
                     train_config=TrainConfig(epochs=2, **QUICK), progress=False)
+    # The default prior design (with attention), with a short warm-up and a high rate so that 16 steps learn.
     api.train_prior(run, prior_config=PixelCNNConfig(codebook_size=32, channels=16, layers=3, grid_size=32),
-                    train_config=TrainConfig(epochs=2, **QUICK), progress=False)
+                    train_config=TrainConfig(epochs=2, warmup_steps=4, lr=5e-3, **QUICK), progress=False)
     return run
 
 
@@ -94,23 +95,37 @@ class ImageCounter(HTMLParser):
 
 
 def test_evaluate_samples_then_report(trained_run, tiny_cohort):
-    results = api.evaluate_samples(trained_run, n=12, seed=0)
+    results = api.evaluate_samples(trained_run, n=16, seed=0)
     saved = json.loads((trained_run / "eval_samples.json").read_text())
     assert results == saved
-    assert 0 <= results["c2st_auc"] <= 1
-    assert 0 < results["diversity_ms_ssim"] <= 1 and 0 < results["diversity_ms_ssim_real_test"] <= 1
-    assert 0 < results["nearest_train_ssim"]["mean"] <= 1
+    # Every sample measure stands beside the same measure on real slices.
+    assert set(results["c2st"]) == {"samples_vs_raw", "samples_vs_reconstructed", "real_vs_raw",
+                                    "real_vs_reconstructed"}
+    for comparison in results["c2st"].values():
+        assert comparison["ci95"][0] <= comparison["auc"] <= comparison["ci95"][1]
+        assert comparison["n_candidates"] == 16
+    assert results["c2st"]["samples_vs_raw"]["n_real"] == 64  # the validation and test splits: 2 cases each
+    assert set(results["position_error"]) == {"samples", "real_test"}
+    assert set(results["frechet"]) == {"samples_vs_test", "validation_vs_test", "n_per_side"}
+    assert results["frechet"]["n_per_side"] == 16
+    assert set(results["diversity_ms_ssim"]) == set(results["nearest_train_ssim"]) == {"samples", "real_test"}
     assert results["prior_nll_bits_per_code"] > 0
-    assert (trained_run / "samples_by_position.png").exists()
+    for name in ("samples_grid.png", "samples_by_position.png", "real_vs_generated_by_position.png"):
+        assert (trained_run / name).exists()
+    # 16 samples cover positions 0..15: one row pair of real above generated, 8 a row, then the next 8.
+    assert load_png(trained_run / "real_vs_generated_by_position.png").shape[0] > 4 * 256
 
     api.evaluate(trained_run, tiny_cohort)
     page = write_report(trained_run)
     assert page == trained_run / "report.html"
+    text = page.read_text()
     counter = ImageCounter()
-    counter.feed(page.read_text())
-    # curves, codebook histogram, reconstructions, sample grid, samples by position
-    assert counter.embedded == 5 and counter.external == []
-    assert "No " not in page.read_text()  # every section found its inputs
+    counter.feed(text)
+    # real vs generated, sample grid, samples by position, reconstructions, curves, codebook histogram
+    assert counter.embedded == 6 and counter.external == []
+    assert "No " not in text  # every section found its inputs
+    # The headline figures come first, the settings last.
+    assert text.index("Headline figures") < text.index("Generated slices") < text.index("Settings")
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")

@@ -5,25 +5,30 @@ from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.sampling import choose_codes, draw_uniforms, sample_fast, sample_naive
 
 
-def trained_looking_model(conditional: bool = True, grid_size: int = 7) -> GatedPixelCNN:
-    """Random weights scaled up so that logits are far from uniform, as after training."""
+def trained_looking_model(conditional: bool = True, grid_size: int = 8, attention_layers: int = 2) -> GatedPixelCNN:
+    """Random weights scaled up so that logits are far from uniform, as after training; zero-initialised parts
+    (conditioning, location projection, position maps, attention output) made non-zero so that they count."""
     torch.manual_seed(0)
-    config = PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional, grid_size=grid_size)
+    config = PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional, grid_size=grid_size,
+                            attention_layers=attention_layers, attention_block=2)
     model = GatedPixelCNN(config).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.conditioning.weight)
         torch.nn.init.normal_(model.location_projection.weight, std=0.3)
         torch.nn.init.normal_(model.position_maps)
+        for block in model.attention.values():
+            for parameter in (block.output.weight, block.token_place, block.nothing_yet):
+                torch.nn.init.normal_(parameter, std=0.3)
         for parameter in model.parameters():
             parameter.mul_(2.0)
     return model
 
 
-@pytest.mark.parametrize(("conditional", "temperature", "top_k"), [(True, 1.0, None), (True, 0.7, 3),
-                                                                    (False, 1.3, None)])
-def test_fast_sampling_gives_exactly_the_naive_code_grids(conditional, temperature, top_k):
-    model = trained_looking_model(conditional)
-    uniforms = draw_uniforms(4, 7, torch.Generator().manual_seed(1))
+@pytest.mark.parametrize(("conditional", "temperature", "top_k", "attention_layers"),
+                         [(True, 1.0, None, 2), (True, 0.7, 3, 2), (False, 1.3, None, 2), (True, 1.0, None, 0)])
+def test_fast_sampling_gives_exactly_the_naive_code_grids(conditional, temperature, top_k, attention_layers):
+    model = trained_looking_model(conditional, attention_layers=attention_layers)
+    uniforms = draw_uniforms(4, 8, torch.Generator().manual_seed(1))
     positions = torch.tensor([0, 9, 20, 31])
     naive = sample_naive(model, uniforms, positions, temperature=temperature, top_k=top_k)
     fast = sample_fast(model, uniforms, positions, temperature=temperature, top_k=top_k)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Subset, TensorDataset
 
 from brainvq.codes import CodeGrids, code_grids
 from brainvq.config import TrainConfig, VQVAEConfig, load_json, save_json
@@ -25,7 +25,8 @@ from brainvq.distributed import barrier, is_main, process_group
 from brainvq.errors import CheckpointError, ConfigError
 from brainvq.images import save_grid, save_png, to_uint8
 from brainvq.metrics.inception import load_inception
-from brainvq.metrics.samples import c2st_auc, fid, mean_pairwise_ms_ssim, nearest_ssim
+from brainvq.metrics.position import PositionRegressor
+from brainvq.metrics.samples import c2st, fid, frechet_distance, mean_pairwise_ms_ssim, nearest_ssim
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.reconstruction import measure_reconstructions, reconstruct_batches
@@ -40,14 +41,13 @@ from brainvq.run import (
     resumed_train_config,
     write_run_config,
 )
-from brainvq.runtime import prepare_module, resolve_device, seed_everything
+from brainvq.runtime import prepare_module, resolve_device, resolve_precision, seed_everything
 from brainvq.sampling import draw_uniforms, sample_fast, sample_naive
 from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, train
 from brainvq.training.prior import PriorTask, code_dataset, nll_bits_per_code
 from brainvq.training.vqvae import VQVAETask
 
 RECON_GRID_IMAGES = 8
-SLICE_POSITIONS = 32  # OASIS: 32 axial slices per case
 # The VQ-VAE's validation SSIM levels off after about 6 CPU minutes (0.956 at 6 min, 0.962 at 12 min), while the
 # prior keeps improving for as long as it trains (C2ST AUC 0.93 after 8 min, 0.71 after 17 min): give the prior
 # most of the demo's time.
@@ -170,9 +170,12 @@ def _run_settings(folder: Path, model_class: type, model_config: Any, train_conf
     if (folder / CONFIG_FILE).exists() and (folder / LAST_CHECKPOINT).exists():
         raise ConfigError("already holds a training run; pass --resume to continue it or choose a new "
                           "output folder", folder)
-    train_config = dataclasses.replace(train_config or TrainConfig(), data_dir=str(Path(data_dir).resolve()))
-    model_config.validate()
+    train_config = train_config or TrainConfig()
     train_config.validate()
+    # The run records the precision it trains in, so that a resume (or an evaluation) elsewhere keeps it.
+    precision = resolve_precision(train_config.precision, resolve_device(train_config.device))
+    train_config = dataclasses.replace(train_config, data_dir=str(Path(data_dir).resolve()), precision=precision)
+    model_config.validate()
     return model_config, train_config
 
 
@@ -229,54 +232,121 @@ def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> 
     return {"n": n, "seconds": seconds, "positions": positions.tolist(), "files": [str(file) for file in files]}
 
 
-def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = 64, seed: int = 0,
+def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = 256, seed: int = 0,
                      device: str = "auto", fid_weights: str | Path | None = None) -> dict[str, Any]:
-    """Quality, diversity and novelty of `n` samples against the test and train splits; writes
-    RUN/eval_samples.json, RUN/samples_grid.png and RUN/samples_by_position.png (positions 0..31) and returns
-    the figures.
+    """How far `n` samples are from real slices, each measure beside the same measure on real slices; writes
+    RUN/eval_samples.json, samples_grid.png, samples_by_position.png and real_vs_generated_by_position.png, and
+    returns the figures. The samples cover every slice position equally (position i % positions for sample i).
+
+    - "c2st": subject-disjoint classifier two-sample tests (metrics/samples.py): samples against real slices of
+      the validation and test subjects, raw and as VQ-VAE reconstructions (which separates the prior's errors
+      from the decoder's); the "real" rows put n training slices (two groups of subjects) in the samples' place.
+    - "position_error": a regressor trained on the training slices predicts each slice's position; its mean
+      absolute error on samples (against the position asked for) and on real test slices.
+    - "frechet": Fréchet distance in that regressor's features, samples against test beside validation against
+      test, with as many images a side.
+    - "diversity_ms_ssim" (mean MS-SSIM between pairs, lower is more varied) and "nearest_train_ssim"
+      (memorisation), samples beside real test slices.
 
     With `fid_weights` (FID Inception weights as safetensors, see scripts/convert_fid_weights.py) the figures
-    include "fid": the Fréchet Inception Distance between the n samples and n real test slices. FID is biased
-    upwards at small n (the covariances of 2048 features are estimated from n images), so compare values
-    measured with the same n only; published FIDs use 10,000 or more images."""
+    include "fid" between samples and as many real test slices; FID is biased upwards at small n, so compare
+    values measured with the same n only."""
     run_dir = Path(run_dir)
     # Read before sampling, which takes minutes: a bad weights file fails at once.
-    fid_device = resolve_device(device)
-    inception = None if fid_weights is None else load_inception(fid_weights).to(fid_device)
+    torch_device = resolve_device(device)
+    inception = None if fid_weights is None else load_inception(fid_weights).to(torch_device)
     prior_nll = _number(load_json(run_dir / PRIOR_FOLDER / "eval_prior.json"), "test_nll_bits_per_code",
                         run_dir / PRIOR_FOLDER / "eval_prior.json")
     data_dir = Path(data_dir or read_run_config(run_dir)[1].data_dir)
-    generated, positions, seconds = generate(run_dir, n, seed=seed, device=device)
-    test, train = load_split(data_dir, "test"), load_split(data_dir, "train")
-    # Real test slices at the same slice positions as the samples, so that the comparison is like for like.
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for position in positions.tolist():
-        matching = np.flatnonzero(test.slice_indices == position)
-        # A folder whose slice indices do not cover 0..31 falls back to any test slice.
-        chosen.append(rng.choice(matching if len(matching) else np.arange(len(test.images))))
-    real = torch.from_numpy(test.images[np.sort(chosen)].astype(np.float32) / 255).unsqueeze(1)
-    nearest_generated = nearest_ssim(generated, train.images)
-    nearest_real = nearest_ssim(real, train.images)
+    prior, _ = load_prior(run_dir)
+    positions = torch.arange(n) % prior.config.positions
+    generated, _, seconds = generate(run_dir, n, seed=seed, slice_position=positions.tolist(), device=device)
+    splits = {split: load_split(data_dir, split) for split in ("train", "validate", "test")}
+    real = {split: _as_images(splits[split].images) for split in ("validate", "test")}
+    training_groups = _training_groups(splits["train"], n, seed)
+    vqvae, _, vqvae_device, precision = _ready_vqvae(run_dir, device, None)
+
+    def reconstructed(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([reconstructions for _, reconstructions, _ in reconstruct_batches(
+            vqvae, TensorDataset(images, torch.zeros(len(images))), device=vqvae_device, precision=precision)])
+
+    half = n // 2
+    candidates = {"samples": (generated[:half], generated[half:]),
+                  "real": tuple(_as_images(splits["train"].images[group]) for group in training_groups)}
+    c2st_results = {}
+    for form in ("raw", "reconstructed"):
+        against = real if form == "raw" else {split: reconstructed(images) for split, images in real.items()}
+        for name, (first, second) in candidates.items():
+            if form == "reconstructed" and name == "real":
+                first, second = reconstructed(first), reconstructed(second)
+            c2st_results[f"{name}_vs_{form}"] = c2st((first, against["validate"]), (second, against["test"]),
+                                                     seed=seed)
+    train_positions = torch.from_numpy(splits["train"].slice_indices)
+    regressor = PositionRegressor(_as_images(splits["train"].images), train_positions, prior.config.positions,
+                                  seed=seed)
+    test_positions = torch.from_numpy(splits["test"].slice_indices)
+    count = min(n, len(real["validate"]), len(real["test"]))  # the same n on both sides of each distance
+    test_features = regressor.features(real["test"][:count])
+    nearest = {"samples": nearest_ssim(generated, splits["train"].images),
+               "real_test": nearest_ssim(real["test"], splits["train"].images)}
     results = {
         "n_generated": n,
-        "n_real_test": len(real),
-        "c2st_auc": c2st_auc(real, generated, seed=seed)["auc"],
-        "diversity_ms_ssim": mean_pairwise_ms_ssim(generated),
-        "diversity_ms_ssim_real_test": mean_pairwise_ms_ssim(real),
-        "nearest_train_ssim": _summary(nearest_generated),
-        "nearest_train_ssim_real_test": _summary(nearest_real),
+        "c2st": c2st_results,
+        "position_error": {"samples": regressor.mean_absolute_error(generated, positions),
+                           "real_test": regressor.mean_absolute_error(real["test"], test_positions)},
+        "frechet": {"samples_vs_test": frechet_distance(regressor.features(generated[:count]), test_features),
+                    "validation_vs_test": frechet_distance(regressor.features(real["validate"][:count]),
+                                                           test_features),
+                    "n_per_side": count},
+        "diversity_ms_ssim": {"samples": mean_pairwise_ms_ssim(generated),
+                              "real_test": mean_pairwise_ms_ssim(real["test"])},
+        "nearest_train_ssim": {name: _summary(values) for name, values in nearest.items()},
         "prior_nll_bits_per_code": prior_nll,
         "seconds_per_generated_image": seconds / n,
     }
     if inception is not None:
-        results["fid"] = fid(real.to(fid_device), generated.to(fid_device), inception)
+        results["fid"] = fid(real["test"][:count].to(torch_device), generated[:count].to(torch_device), inception)
     save_json(run_dir / "eval_samples.json", results)
-    _save_tiles(to_uint8(generated[:32]), run_dir / "samples_grid.png")
-    by_position, _, _ = generate(run_dir, SLICE_POSITIONS, seed=seed, slice_position=list(range(SLICE_POSITIONS)),
-                                 device=device)
-    _save_tiles(to_uint8(by_position), run_dir / "samples_by_position.png")
+    _save_sample_pictures(run_dir, generated, positions, real["test"], test_positions, seed)
     return results
+
+
+def _as_images(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W] -> float32 [N, 1, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255).unsqueeze(1)
+
+
+def _training_groups(train: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of n training slices in two halves from disjoint halves of the training subjects, spread evenly
+    over each half's slices (so over its subjects and slice positions)."""
+    cases = sorted(set(train.case_ids))
+    first_cases = set(cases[:len(cases) // 2])
+    in_first = np.array([case in first_cases for case in train.case_ids])
+    groups = []
+    for members, count in ((np.flatnonzero(in_first), n // 2), (np.flatnonzero(~in_first), n - n // 2)):
+        groups.append(members[np.linspace(0, len(members) - 1, min(count, len(members))).astype(int)])
+    return groups[0], groups[1]
+
+
+def _save_sample_pictures(run_dir: Path, generated: torch.Tensor, positions: torch.Tensor, test: torch.Tensor,
+                          test_positions: torch.Tensor, seed: int) -> None:
+    """samples_grid.png (32 samples at random positions), samples_by_position.png (one per position, in order)
+    and real_vs_generated_by_position.png (rows of real test slices, each above generated ones of the same
+    positions)."""
+    pixels = to_uint8(generated)
+    chosen = torch.randperm(len(generated), generator=torch.Generator().manual_seed(seed))[:32]
+    _save_tiles(pixels[chosen.numpy()], run_dir / "samples_grid.png")
+    first_of_each = [int(np.flatnonzero(positions.numpy() == p)[0]) for p in positions.unique().tolist()]
+    _save_tiles(pixels[first_of_each], run_dir / "samples_by_position.png")
+    real_pixels, blank = to_uint8(test), np.zeros_like(pixels[0])
+    rows = []
+    for start in range(0, len(first_of_each), 8):
+        shown = first_of_each[start:start + 8]
+        matching = [np.flatnonzero(test_positions.numpy() == int(positions[index])) for index in shown]
+        padding = [blank] * (8 - len(shown))
+        rows += [np.stack([real_pixels[m[0]] if len(m) else blank for m in matching] + padding),
+                 np.stack([pixels[index] for index in shown] + padding)]
+    _save_tiles(np.concatenate(rows), run_dir / "real_vs_generated_by_position.png")
 
 
 def _number(values: Any, key: str, source: Path) -> float:
@@ -298,7 +368,7 @@ def _save_tiles(images: np.ndarray, path: Path, columns: int = 8) -> None:
     save_grid(list(padded.reshape(-1, columns, *images.shape[1:])), path)
 
 
-def demo(run_dir: str | Path = "runs/demo", *, minutes: float = 20.0, seed: int = 0,
+def demo(run_dir: str | Path = "runs/demo", *, minutes: float = 18.0, seed: int = 0,
          progress: bool = True) -> dict[str, Any]:
     """The whole mission on the embedded default: demo cohort (RUN/data) -> VQ-VAE -> test evaluation -> prior
     -> samples and their evaluation -> RUN/report.html. `minutes` of training in all, DEMO_VQVAE_SHARE of it

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--channels", type=positive_int, help="PixelCNN channels (default 64)")
     prior.add_argument("--layers", type=positive_int, help="gated layers (default 10)")
     prior.add_argument("--unconditional", action="store_true", help="do not condition on the slice position")
+    prior.add_argument("--attention-layers", type=non_negative_int,
+                       help="causal attention blocks that give each code the whole slice above it (default 2; "
+                            "0: the plain gated PixelCNN)")
     prior.set_defaults(handler=run_train_prior)
 
     sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder")
@@ -143,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             help="quality, diversity and novelty of generated slices")
     sample_evaluation.add_argument("run", type=Path, help="run folder with a trained VQ-VAE and prior")
     sample_evaluation.add_argument("--data", type=Path, help="data folder (default: the VQ-VAE's)")
-    sample_evaluation.add_argument("--n", type=sample_count, default=64,
-                                   help="samples to generate (default 64)")
+    sample_evaluation.add_argument("--n", type=sample_count, default=256,
+                                   help="samples to generate (default 256; half face each held-out split)")
     sample_evaluation.add_argument("--seed", type=seed, default=0)
     sample_evaluation.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     sample_evaluation.add_argument("--fid-weights", type=Path, metavar="FILE",
@@ -158,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_run = commands.add_parser("demo", help="the whole job on the embedded default data, end to end")
     demo_run.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
-    demo_run.add_argument("--minutes", type=positive_float, default=20.0,
-                          help="training budget in minutes, 35%% VQ-VAE and 65%% prior (default 20)")
+    demo_run.add_argument("--minutes", type=positive_float,
+                          help="training budget in minutes, 35%% VQ-VAE and 65%% prior (default 18; sampling and "
+                               "evaluation come on top)")
     demo_run.add_argument("--seed", type=seed, default=0)
     demo_run.set_defaults(handler=run_demo)
     return parser
@@ -174,7 +178,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, *, epochs_default: 
                                                               f"(default {minutes_default}; 0: no limit)")
     parser.add_argument("--batch-size", type=positive_int, help="images per step (default 16)")
     parser.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), help="bf16 autocast (default) or fp32")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                        help="bf16 autocast, fp32, or auto (default): bf16 where the GPU or CPU computes it natively")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when present")
     parser.add_argument("--compile", choices=("auto", "on", "off"),
                         help="torch.compile the network (default auto: on CUDA only)")
@@ -270,7 +275,7 @@ def run_train_prior(args: argparse.Namespace) -> None:
                                   progress=not args.quiet)
     else:
         given.setdefault("max_minutes", PRIOR_MINUTES)
-        model_options = {"channels": args.channels, "layers": args.layers}
+        model_options = {"channels": args.channels, "layers": args.layers, "attention_layers": args.attention_layers}
         vqvae_config = read_run_config(args.run)[0]
         prior_config = PixelCNNConfig(codebook_size=vqvae_config.codebook_size, grid_size=vqvae_config.grid_size,
                                       conditional=not args.unconditional,
@@ -320,7 +325,8 @@ def run_report(args: argparse.Namespace) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     from brainvq import api
 
-    results = api.demo(args.out, minutes=args.minutes, seed=args.seed)
+    options = {} if args.minutes is None else {"minutes": args.minutes}
+    results = api.demo(args.out, seed=args.seed, **options)
     print(json.dumps(results, indent=2))
     print(f"open {results['report']} to see the run")
 

@@ -88,7 +88,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     max_grad_norm: float | None = MAX_GRAD_NORM  # gradients are clipped to this global norm (None: never)
-    precision: str = "bf16"  # "bf16" autocast (+ channels_last) or "fp32"
+    precision: str = "auto"  # "bf16" autocast (+ channels_last), "fp32", or "auto": bf16 where the hardware has it
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
     compile: str = "auto"  # torch.compile the network: "auto" (on CUDA only), "on" or "off"
     seed: int = 0
@@ -105,7 +105,7 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-        _require(self.precision in ("bf16", "fp32"), "precision", "must be 'bf16' or 'fp32'")
+        _require(self.precision in ("auto", "bf16", "fp32"), "precision", "must be 'auto', 'bf16' or 'fp32'")
         _require(self.device in ("auto", "cpu", "cuda"), "device", "must be 'auto', 'cpu' or 'cuda'")
         _require(self.compile in ("auto", "on", "off"), "compile", "must be 'auto', 'on' or 'off'")
         _require(self.val_images >= 1, "val_images", "must be >= 1")

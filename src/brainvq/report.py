@@ -35,11 +35,12 @@ def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report.html and return its path."""
     run_dir = Path(run_dir)
     sections = [
-        _section("Settings", _settings(run_dir)),
+        _section("Headline figures: generated slices beside real ones", _headline(run_dir)),
+        _section("Generated slices", _samples(run_dir)),
         _section("Reconstruction of held-out slices", _reconstruction(run_dir)),
         _section("Training curves", _curves(run_dir)),
         _section("Codebook usage", _codebook_usage(run_dir)),
-        _section("Generated slices", _samples(run_dir)),
+        _section("Settings", _settings(run_dir)),
     ]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>brainvq report: {html.escape(run_dir.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>brainvq report</h1>"
@@ -152,13 +153,50 @@ def _codebook_usage(run_dir: Path) -> str:
     return _image(_figure_png(figure), f"{used} of {len(counts)} codes used on the test split")
 
 
+def _headline(run_dir: Path) -> str:
+    """Each sample measure of eval_samples.json beside the same measure on real slices."""
+    results = _read_json(run_dir / "eval_samples.json")
+    if results is None:
+        return _missing("sample evaluation", f"brainvq evaluate-samples {run_dir}")
+    c2st = results["c2st"]
+
+    def auc(name: str) -> str:
+        return f"{c2st[name]['auc']:.3f} [{c2st[name]['ci95'][0]:.3f}, {c2st[name]['ci95'][1]:.3f}]"
+
+    rows = [
+        ("C2ST AUC against VQ-VAE reconstructions of unseen subjects (0.5: indistinguishable)",
+         auc("samples_vs_reconstructed"), auc("real_vs_reconstructed")),
+        ("C2ST AUC against raw slices of unseen subjects", auc("samples_vs_raw"), auc("real_vs_raw")),
+        ("slice-position error (mean absolute, slices)", f"{results['position_error']['samples']:.2f}",
+         f"{results['position_error']['real_test']:.2f}"),
+        ("Fréchet distance to test slices (position-regressor features)",
+         f"{results['frechet']['samples_vs_test']:.3g}", f"{results['frechet']['validation_vs_test']:.3g}"),
+        ("diversity: mean MS-SSIM between pairs", f"{results['diversity_ms_ssim']['samples']:.3f}",
+         f"{results['diversity_ms_ssim']['real_test']:.3f}"),
+        ("SSIM to the nearest training slice (mean)", f"{results['nearest_train_ssim']['samples']['mean']:.3f}",
+         f"{results['nearest_train_ssim']['real_test']['mean']:.3f}"),
+    ]
+    body = "".join(f"<tr><td>{html.escape(name)}</td><td>{generated}</td><td>{real}</td></tr>"
+                   for name, generated, real in rows)
+    reconstruction = _read_json(run_dir / "eval_test.json")
+    recon = (f"<p>Reconstruction of the test split: SSIM {reconstruction['ssim']:.3f}.</p>"
+             if reconstruction and "ssim" in reconstruction else "")
+    return (f"<table><tr><th>measure ({results['n_generated']} samples)</th><th>generated</th>"
+            f"<th>real (same measure)</th></tr>{body}</table>{recon}"
+            "<p>C2ST: trained on samples against one held-out split's subjects, scored on other samples against the "
+            "other split's subjects, and back; the real column puts training-split slices in the samples' place. "
+            "Brackets: bootstrap 95% intervals.</p>")
+
+
 def _samples(run_dir: Path) -> str:
     command = f"brainvq evaluate-samples {run_dir}"
     results = _read_json(run_dir / "eval_samples.json")
     prior = _read_json(run_dir / PRIOR_FOLDER / "eval_prior.json")
-    parts = [_table(prior) if prior else _missing("prior evaluation", f"brainvq train-prior {run_dir}")]
+    parts = [_image_file(run_dir / "real_vs_generated_by_position.png", "each slice position 0..31 in order: a row "
+                         "of real test slices above a row of generated slices of the same positions", command),
+             _image_file(run_dir / "samples_grid.png", "generated slices (random slice positions)", command),
+             _image_file(run_dir / "samples_by_position.png", "one generated slice per position 0..31 "
+                         "(left to right, top to bottom)", command)]
+    parts.append(_table(prior) if prior else _missing("prior evaluation", f"brainvq train-prior {run_dir}"))
     parts.append(_table(results) if results else _missing("sample evaluation", command))
-    parts.append(_image_file(run_dir / "samples_grid.png", "generated slices (random slice positions)", command))
-    parts.append(_image_file(run_dir / "samples_by_position.png", "one generated slice per position 0..31 "
-                             "(left to right, top to bottom)", command))
     return "".join(parts)

@@ -12,10 +12,9 @@ same inverse-CDF rule, so any difference between them would be a bug, which a te
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from brainvq.errors import ConfigError
-from brainvq.models.pixelcnn import GatedPixelCNN, gate
+from brainvq.models.pixelcnn import GatedPixelCNN, layer_bias
 
 
 def choose_codes(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0,
@@ -55,7 +54,10 @@ def sample_naive(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.
 @torch.no_grad()
 def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.Tensor | None = None, *,
                 temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
-    """uniforms [B, G, G] -> code grids [B, G, G], computing only what each new code changes."""
+    """uniforms [B, G, G] -> code grids [B, G, G], computing only what each new code changes.
+
+    This function only keeps the caches and calls the model's incremental steps in order: the layers' maths
+    lives in the model (`first_*_step`, `GatedLayer.vertical_step` / `horizontal_step`, `BlockAttention.step`)."""
     batch, size, _ = uniforms.shape
     if size != model.config.grid_size:
         raise ConfigError(f"cannot sample {size}x{size} grids from a prior of {model.config.grid_size}x"
@@ -70,42 +72,48 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
     # exactly as the full forward pass pads them; row r of the grid is row r + reach of these buffers.
     embedded = torch.zeros(batch, channels, size + reach, size + 2 * reach, device=device)
     vertical = [torch.zeros_like(embedded) for _ in range(depth)]
-    horizontal_weights = [_as_matrix(layer.horizontal.weight) for layer in model.layers]
-    first_horizontal = _as_matrix(model.first_horizontal.weight)
+    # Attention blocks by the index of the layer they precede: their input over the grid (tokens are made from
+    # it once a block row is complete) and the keys and values of the tokens made so far.
+    attention = {int(index): block for index, block in model.attention.items()}
+    attention_inputs = {index: torch.zeros(batch, channels, size, size, device=device) for index in attention}
+    caches = {index: block.nothing_yet_token(batch) for index, block in attention.items()}
 
     for row in range(size):
+        for index, block in attention.items():
+            if row and row % block.block == 0:  # the block row just above is complete: add its tokens
+                rows = slice(row - block.block, row)
+                added = block.tokens(attention_inputs[index][:, :, rows],
+                                     embedded[:, :, rows.start + reach:rows.stop + reach, reach:reach + size],
+                                     row // block.block - 1)
+                caches[index] = tuple(torch.cat(pair, dim=2) for pair in zip(caches[index], added, strict=True))
         # Vertical stacks of this row: they only see rows above, all of which are final now.
-        v = model.first_vertical(embedded[:, :, row:row + reach])  # [B, C, 1, G]
+        v, first_link = model.first_vertical_step(embedded[:, :, row:row + reach])  # [B, C, 1, G]
         vertical[0][:, :, row + reach, reach:reach + size] = v[:, :, 0]
-        first_link = model.first_link(v)[:, :, 0]  # [B, C, G]
-        links = []
+        links, biases = [], []
         for index, layer in enumerate(model.layers):
-            v_features = layer.vertical(vertical[index][:, :, row:row + reach + 1])  # [B, 2C, 1, G]
-            links.append(layer.link(v_features)[:, :, 0])
+            bias = layer_bias(conditioning[index], locations[index][:, row:row + 1], v.dtype)  # [B, 2C, 1, G]
+            v, link = layer.vertical_step(vertical[index][:, :, row:row + reach + 1], bias)
+            links.append(link)
+            biases.append(bias)
             if index + 1 < depth:
-                bias = conditioning[index][:, :, None, None] + locations[index][:, row:row + 1]
-                vertical[index + 1][:, :, row + reach, reach:reach + size] = gate(v_features + bias)[:, :, 0]
+                vertical[index + 1][:, :, row + reach, reach:reach + size] = v[:, :, 0]
         # Horizontal stacks, position by position; h_rows[i] holds layer i's input on this row, padded left.
-        h_rows = [torch.zeros(batch, channels, size + reach, device=device) for _ in range(depth + 1)]
+        h_rows = [torch.zeros(batch, channels, 1, size + reach, device=device) for _ in range(depth)]
         for column in range(size):
-            window = embedded[:, :, row + reach, column:column + reach]  # the `reach` codes to the left
-            h = window.reshape(batch, -1) @ first_horizontal + model.first_horizontal.bias + first_link[:, :, column]
-            skip = torch.zeros(batch, channels, device=device)
+            here = slice(column, column + 1)
+            h = model.first_horizontal_step(embedded[:, :, row + reach:row + reach + 1, column:column + reach],
+                                            first_link[:, :, :, here])  # [B, C, 1, 1]
+            skip = torch.zeros_like(h)
             for index, layer in enumerate(model.layers):
-                h_rows[index][:, :, column + reach] = h
-                h_window = h_rows[index][:, :, column:column + reach + 1].reshape(batch, -1)
-                h_features = h_window @ horizontal_weights[index] + layer.horizontal.bias + links[index][:, :, column]
-                h_gated = gate(h_features + conditioning[index] + locations[index][:, row, column])
-                if layer.residual is not None:
-                    h = h + F.linear(h_gated, layer.residual.weight[:, :, 0, 0], layer.residual.bias)
-                skip = skip + F.linear(h_gated, layer.skip.weight[:, :, 0, 0], layer.skip.bias)
-            logits = model.head(skip[:, :, None, None])[:, :, 0, 0]
+                if index in attention:
+                    attention_inputs[index][:, :, row, column] = h[:, :, 0, 0]
+                    h = attention[index].step(h[:, :, 0, 0], *caches[index])[:, :, None, None]
+                h_rows[index][:, :, :, column + reach] = h[:, :, :, 0]
+                h, contribution = layer.horizontal_step(h_rows[index][:, :, :, column:column + reach + 1], h,
+                                                        links[index][:, :, :, here], biases[index][:, :, :, here])
+                skip = skip + contribution
+            logits = model.head(skip)[:, :, 0, 0]
             chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature, top_k=top_k)
             codes[:, row, column] = chosen
             embedded[:, :, row + reach, column + reach] = model.embed(chosen, position_map[:, :, row, column])
     return codes
-
-
-def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """A [out, in, 1, width] convolution kernel as a matrix [in * width, out] for a flattened window."""
-    return weight.flatten(1).t()

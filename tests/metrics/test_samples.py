@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from brainvq.metrics.samples import (
-    c2st_auc,
+    c2st,
     fid,
     frechet_distance,
     mean_pairwise_ms_ssim,
@@ -31,12 +31,42 @@ def test_roc_auc_of_perfect_reversed_and_tied_scores():
     assert roc_auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
 
 
-def test_c2st_tells_different_sets_apart_and_not_alike_ones():
-    real = discs(40, seed=0)
-    different = discs(40, seed=1, brightness=0.3)  # same shapes, much darker: an easy tell
-    alike = discs(40, seed=2)
-    assert c2st_auc(real, different, epochs=15)["auc"] > 0.9
-    assert abs(c2st_auc(real, alike, epochs=15)["auc"] - 0.5) < 0.25
+def subject_slices(subjects: range, per_subject: int = 4) -> torch.Tensor:
+    """Discs whose brightness and size depend on a subject of their own (as scans differ between people), the
+    subjects' own values drawn from one population: [len(subjects) * per_subject, 1, 96, 96]."""
+    slices = []
+    for subject in subjects:
+        brightness = 0.6 + 0.2 * torch.rand(1, generator=torch.Generator().manual_seed(1000 + subject)).item()
+        slices.append(discs(per_subject, seed=subject, brightness=brightness, size=96))
+    return torch.cat(slices)
+
+
+def test_c2st_scores_real_slices_of_unseen_subjects_near_chance():
+    # Every set comes from the same population of subjects, but no subject appears in two sets: a classifier
+    # that could only recognise subjects has nothing to go on, so the AUC must be near 0.5.
+    training = subject_slices(range(0, 32))
+    validation, test = subject_slices(range(32, 48)), subject_slices(range(48, 64))
+    result = c2st((training[:64], validation), (training[64:], test), epochs=15)
+    assert abs(result["auc"] - 0.5) < 0.12
+    assert result["ci95"][0] <= result["auc"] <= result["ci95"][1]
+    assert result["n_candidates"] == 128 and result["n_real"] == 128
+
+
+def test_c2st_tells_a_different_set_apart_with_a_tight_interval():
+    validation, test = subject_slices(range(32, 48)), subject_slices(range(48, 64))
+    darker = discs(128, seed=99, brightness=0.2, size=96)  # same shapes, far darker: an easy tell
+    result = c2st((darker[:64], validation), (darker[64:], test), epochs=15)
+    assert result["auc"] > 0.9 and result["ci95"][0] > 0.8
+    assert len(result["fold_aucs"]) == 2
+
+
+def test_c2st_leaves_the_global_random_state_alone():
+    validation, test = subject_slices(range(32, 36)), subject_slices(range(36, 40))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    c2st((validation, test), (test, validation), epochs=1, resamples=10)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_pairwise_ms_ssim_is_one_for_copies_and_lower_for_varied_images():

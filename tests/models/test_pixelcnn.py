@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from brainvq.errors import ConfigError
-from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig, _layer_bias
+from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig, layer_bias
 
 
 def input_gradients(model: GatedPixelCNN, codes: torch.Tensor, row: int, column: int) -> torch.Tensor:
@@ -25,23 +25,49 @@ def input_gradients(model: GatedPixelCNN, codes: torch.Tensor, row: int, column:
     return captured["x"].grad[0].abs().sum(-1)  # embedding output is [B, G, G, C]
 
 
-@pytest.mark.parametrize(("kernel_size", "layers", "size"), [(3, 3, 5), (5, 2, 6)])
-def test_each_output_sees_every_earlier_position_and_nothing_later(kernel_size, layers, size):
+@pytest.mark.parametrize(("kernel_size", "layers", "size", "attention_layers", "attention_block"),
+                         [(3, 3, 5, 0, 1), (5, 2, 6, 0, 1), (3, 1, 8, 1, 2), (3, 2, 8, 2, 4)])
+def test_each_output_sees_every_earlier_position_and_nothing_later(kernel_size, layers, size, attention_layers,
+                                                                   attention_block):
     torch.manual_seed(0)
-    config = PixelCNNConfig(codebook_size=6, channels=8, layers=layers, kernel_size=kernel_size, grid_size=size)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=layers, kernel_size=kernel_size, grid_size=size,
+                            attention_layers=attention_layers, attention_block=attention_block)
     model = GatedPixelCNN(config).double()
     torch.nn.init.normal_(model.location_projection.weight)  # trained location and position maps must not leak
     torch.nn.init.normal_(model.position_maps)
-    # The grid is small enough for the receptive field, (kernel_size // 2) * (layers + 1) positions in each
-    # direction, to cover it: every earlier position must then have a non-zero gradient (no blind spot).
-    assert (kernel_size // 2) * (layers + 1) >= size - 1
+    for block in model.attention.values():  # nor may trained attention (its output starts at zero)
+        torch.nn.init.normal_(block.output.weight)
+        torch.nn.init.normal_(block.token_place)
+    reach = (kernel_size // 2) * (layers + 1)  # of the convolutional stacks, in each direction
     codes = torch.randint(0, 6, (1, size, size))
     for row in range(size):
         for column in range(size):
             gradient = input_gradients(model, codes, row, column).flatten()
             here = row * size + column
             assert torch.all(gradient[here:] == 0), f"output ({row}, {column}) sees itself or a later code"
-            assert torch.all(gradient[:here] > 0), f"output ({row}, {column}) has a blind spot"
+            if attention_layers:
+                # Global reach: every code of the complete block rows above, however far beyond the stacks' reach
+                # (which is shorter than the grid here). Later codes are left to the stacks.
+                assert reach < size - 1
+                seen = row // attention_block * attention_block * size
+            else:
+                # The grid is small enough for the stacks' reach to cover it: no blind spot.
+                assert reach >= size - 1
+                seen = here
+            assert torch.all(gradient[:seen] > 0), f"output ({row}, {column}) has a blind spot"
+
+
+def test_attention_gives_the_bottom_of_the_grid_the_top_that_the_stacks_cannot_reach():
+    torch.manual_seed(0)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=2, kernel_size=3, grid_size=16, attention_block=4)
+    codes = torch.randint(0, 6, (1, 16, 16))
+    plain = GatedPixelCNN(dataclasses.replace(config, attention_layers=0)).double()
+    with_attention = GatedPixelCNN(config).double()
+    for block in with_attention.attention.values():
+        torch.nn.init.normal_(block.output.weight)
+    for model, sees_the_top in ((plain, False), (with_attention, True)):
+        gradient = input_gradients(model, codes, 15, 8)
+        assert bool(gradient[:4].sum() > 0) == sees_the_top
 
 
 def test_output_shape_and_slice_conditioning_changes_the_logits():
@@ -104,7 +130,7 @@ def test_the_layer_bias_is_in_the_features_dtype_and_channels_last():
     # An fp32 bias under bf16 autocast would push every gate and its backward into fp32, and a channels-first
     # bias makes its gradient's sum over the batch slow: both cost the prior a large share of its training step.
     vector, location = torch.randn(3, 8), torch.randn(8, 5, 5, dtype=torch.bfloat16)
-    bias = _layer_bias(vector, location, torch.bfloat16)
+    bias = layer_bias(vector, location, torch.bfloat16)
     assert bias.dtype == torch.bfloat16 and bias.shape == (3, 8, 5, 5)
     assert bias.is_contiguous(memory_format=torch.channels_last)
     expected = vector.to(torch.bfloat16)[:, :, None, None] + location
@@ -113,11 +139,12 @@ def test_the_layer_bias_is_in_the_features_dtype_and_channels_last():
 
 def test_bf16_channels_last_training_matches_fp32_and_its_gates_run_in_bf16():
     torch.manual_seed(0)
-    config = PixelCNNConfig(codebook_size=6, channels=8, layers=2, grid_size=6)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=2, grid_size=8, attention_layers=1, attention_block=2)
     model = GatedPixelCNN(config)
     torch.nn.init.normal_(model.conditioning.weight)
+    torch.nn.init.normal_(model.attention["1"].output.weight)
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    codes, positions = torch.randint(0, 6, (4, 6, 6)), torch.randint(0, 32, (4,))
+    codes, positions = torch.randint(0, 6, (4, 8, 8)), torch.randint(0, 32, (4,))
     gate_dtypes = []
     handle = fast.layers[0].skip.register_forward_pre_hook(lambda module, inputs: gate_dtypes.append(inputs[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,7 +1,8 @@
 """How good, how varied and how new generated slices are, measured against real ones.
 
-- `c2st_auc`: a classifier two-sample test. A small CNN learns to tell real from generated slices; its
-  cross-validated ROC AUC is 0.5 when it cannot (the samples are indistinguishable) and 1.0 when it always can.
+- `c2st`: a subject-disjoint classifier two-sample test. A small CNN learns to tell generated from real slices of
+  some subjects and is scored on other samples against real slices of other subjects; its ROC AUC is 0.5 when
+  it cannot tell them apart and 1.0 when it always can.
 - `mean_pairwise_ms_ssim`: diversity; lower means more varied. Compare samples with real slices.
 - `nearest_ssim`: memorisation; for each image, SSIM to its most similar training slice. Samples that copy the
   training set score higher than real held-out slices do.
@@ -13,6 +14,7 @@ Images are float tensors [N, 1, H, W] in [0, 1]; training slices may be a uint8 
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brainvq.metrics.image import ms_ssim, ssim
+from brainvq.metrics.small_cnn import downsample, predict, train_small_cnn
 
 
 def roc_auc(scores: Tensor, labels: Tensor) -> float:
@@ -30,50 +33,46 @@ def roc_auc(scores: Tensor, labels: Tensor) -> float:
     return float((greater + 0.5 * ties) / (len(positive) * len(negative)))
 
 
-def _classifier() -> nn.Module:
-    """A small CNN for 64x64 slices -> one logit (real vs generated)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 1),
-    )
+def c2st(first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor], *, epochs: int = 30, seed: int = 0,
+         resamples: int = 1000) -> dict[str, Any]:
+    """Subject-disjoint classifier two-sample test of candidates against real slices.
 
+    `first` and `second` are (candidates [N, 1, H, W], real [M, 1, H, W]) with the real slices of each group from
+    subjects of their own (the validation split and the test split). A SmallCNN learns to tell candidates from
+    real slices on one group and is scored on the other; then the roles swap. The real slices it is scored on
+    come from subjects it never trained on, so it cannot score above chance by recognising subjects.
 
-def c2st_auc(real: Tensor, generated: Tensor, *, folds: int = 5, epochs: int = 40, seed: int = 0) -> dict:
-    """Cross-validated ROC AUC of a CNN telling `real` [N, 1, H, W] from `generated` [M, 1, H, W].
-
-    Images are average-pooled to 64x64 (the test asks about anatomy, not pixel noise). Each of `folds`
-    stratified folds is held out once; the classifier is trained from scratch on the rest.
-    Returns {"auc": mean over folds, "auc_folds": [...]}."""
+    Returns {"auc": mean ROC AUC of the two scorings (0.5: indistinguishable, 1.0: always told apart),
+    "ci95": bootstrap 95% interval of that mean (scored images resampled within each class), "fold_aucs",
+    "n_candidates", "n_real"}."""
+    scored = []
+    for fold, (train_group, test_group) in enumerate(((first, second), (second, first))):
+        images, labels = _labelled(*train_group)
+        classifier = train_small_cnn(images, labels, loss="logistic", epochs=epochs, seed=seed * 1000 + fold)
+        test_images, test_labels = _labelled(*test_group)
+        scored.append((predict(classifier, test_images), test_labels))
+    aucs = [roc_auc(scores, labels) for scores, labels in scored]
     generator = torch.Generator().manual_seed(seed)
-    images = F.adaptive_avg_pool2d(torch.cat([real, generated]).float(), 64)
-    labels = torch.cat([torch.ones(len(real)), torch.zeros(len(generated))])
-    fold_of = torch.empty(len(images), dtype=torch.int64)
-    for label in (0, 1):  # stratified: each fold gets its share of real and of generated images
+    resampled = [float(np.mean([roc_auc(*_resample(scores, labels, generator)) for scores, labels in scored]))
+                 for _ in range(resamples)]
+    return {"auc": float(np.mean(aucs)), "ci95": [float(v) for v in np.percentile(resampled, [2.5, 97.5])],
+            "fold_aucs": aucs, "n_candidates": len(first[0]) + len(second[0]), "n_real": len(first[1]) + len(second[1])}
+
+
+def _labelled(candidates: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+    """Downsampled images of both sets and their labels (candidates 0, real 1)."""
+    return (downsample(torch.cat([candidates, real])),
+            torch.cat([torch.zeros(len(candidates)), torch.ones(len(real))]))
+
+
+def _resample(scores: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A bootstrap resample of (scores, labels), drawn with replacement within each class."""
+    chosen = []
+    for label in (0, 1):
         members = (labels == label).nonzero().squeeze(1)
-        fold_of[members[torch.randperm(len(members), generator=generator)]] = torch.arange(len(members)) % folds
-    aucs = []
-    for fold in range(folds):
-        held_out = fold_of == fold
-        torch.manual_seed(seed * 1000 + fold)
-        classifier = _train_classifier(images[~held_out], labels[~held_out], epochs, generator)
-        with torch.no_grad():
-            scores = classifier(images[held_out]).squeeze(1)
-        aucs.append(roc_auc(scores, labels[held_out]))
-    return {"auc": float(np.mean(aucs)), "auc_folds": aucs}
-
-
-def _train_classifier(images: Tensor, labels: Tensor, epochs: int, generator: torch.Generator) -> nn.Module:
-    classifier = _classifier()
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(images), generator=generator).split(32):
-            loss = F.binary_cross_entropy_with_logits(classifier(images[batch]).squeeze(1), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return classifier.eval()
+        chosen.append(members[torch.randint(len(members), (len(members),), generator=generator)])
+    chosen = torch.cat(chosen)
+    return scores[chosen], labels[chosen]
 
 
 @torch.no_grad()

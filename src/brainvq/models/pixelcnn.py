@@ -18,9 +18,13 @@ Conditioning (none of it depends on the codes, so causality holds):
   to the embedded codes. A bias vector alone cannot say "at slice 0 the brain is small and the cerebellum sits
   low": that needs position and location together, which this map gives every layer from the first.
 
-All padding is explicit (`_pad_above`, `_pad_left`), so the same convolutions can be evaluated on a small
-window of rows or columns; `models/fast_sampling.py` relies on this to sample one position at a time without
-recomputing the grid.
+Global reach: `attention_layers` causal attention blocks (models/attention.py) sit between gated layers and
+let every position see a coarse summary of the whole slice above it; with `attention_layers=0` this is the
+plain gated PixelCNN of earlier versions (README, "Prior designs").
+
+All padding is explicit (`_pad_above`, `_pad_left`), so each layer's convolutions can also be evaluated on a
+window of one row or one position: that is the incremental step fast sampling (sampling.py) drives, through
+`GatedLayer.vertical_step` / `horizontal_step` and `BlockAttention.step`, with no second copy of their maths.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainvq.errors import ConfigError
+from brainvq.models.attention import BlockAttention
 
 
 @dataclass(frozen=True)
@@ -45,17 +50,34 @@ class PixelCNNConfig:
     grid_size: int = 64  # side of the code grids (the VQ-VAE's image size / downsample)
     location_channels: int = 16  # learnt location map (0: none); tells each layer where in the grid it is
     position_map_size: int = 16  # side of the learnt per-position map added to the embedded codes (0: none)
+    attention_layers: int = 2  # causal attention blocks between the gated layers (0: the plain gated PixelCNN)
+    attention_heads: int = 4
+    attention_block: int = 4  # side of the square of codes each attention token summarises (divides grid_size)
 
     def validate(self) -> None:
         # Upper bounds too: a tampered prior/config.json must not make the constructor allocate gigabytes.
         limits = {"codebook_size": (2, 256), "channels": (1, 1024), "layers": (1, 64), "kernel_size": (3, 15),
                   "positions": (1, 4096), "grid_size": (1, 512), "location_channels": (0, 256),
-                  "position_map_size": (0, 64)}
+                  "position_map_size": (0, 64), "attention_layers": (0, 64), "attention_heads": (1, 64),
+                  "attention_block": (1, 512)}
         for key, (low, high) in limits.items():
             value = getattr(self, key)
             if not low <= value <= high or (key == "kernel_size" and value % 2 == 0):
                 odd = " and odd" if key == "kernel_size" else ""
                 raise ConfigError(f"{key} = {value!r} is invalid (must be in {low}..{high}{odd})")
+        if self.attention_layers:
+            if self.attention_layers > self.layers:
+                raise ConfigError(f"attention_layers = {self.attention_layers} must not exceed layers = {self.layers}")
+            if self.grid_size % self.attention_block:
+                raise ConfigError(f"attention_block = {self.attention_block} must divide grid_size = {self.grid_size}")
+            if self.channels % self.attention_heads:
+                raise ConfigError(f"attention_heads = {self.attention_heads} must divide channels = {self.channels}")
+
+    @property
+    def attention_before(self) -> tuple[int, ...]:
+        """Indices of the gated layers that an attention block precedes, spread evenly over the depth."""
+        count = self.attention_layers
+        return tuple((index + 1) * self.layers // (count + 1) for index in range(count))
 
 
 def _pad_above(x: torch.Tensor, rows: int, side: int) -> torch.Tensor:
@@ -68,8 +90,8 @@ def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
     return F.pad(x, (columns, 0, 0, 0))
 
 
-def _layer_bias(vector: torch.Tensor, location: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """vector [B, 2C] + location [2C, G, G] -> bias [B, 2C, G, G] in `dtype`, stored channels-last.
+def layer_bias(vector: torch.Tensor, location: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """vector [B, 2C] + location [2C, R, W] -> bias [B, 2C, R, W] in `dtype`, stored channels-last.
 
     Why `dtype`: under autocast the convolutions give bf16, but the conditioning embedding stays fp32, and an
     fp32 bias would push every gate, and its backward, into fp32. Why channels-last: the backward pass sums the
@@ -87,7 +109,10 @@ def gate(x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedLayer(nn.Module):
-    """One gated layer of both stacks; `conditioning` [B, 2C] is added before each gate."""
+    """One gated layer of both stacks; a bias [B, 2C, ...] (slice position and location) is added before each gate.
+
+    The layer is evaluated in two halves that fast sampling also calls on their own: `vertical_step` for whole
+    rows (the vertical stack only sees rows above) and `horizontal_step` for positions along a row."""
 
     def __init__(self, channels: int, kernel_size: int, *, last: bool = False) -> None:
         super().__init__()
@@ -99,14 +124,25 @@ class GatedLayer(nn.Module):
         self.residual = None if last else nn.Conv2d(channels, channels, 1)
         self.skip = nn.Conv2d(channels, channels, 1)
 
+    def vertical_step(self, v_above: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v_above [B, C, R + reach, G + 2 reach]: the vertical stack of R rows and the `reach` rows above them,
+        zero-padded at the sides -> (new v, link into the horizontal stack) [B, C, R, G] and [B, 2C, R, G]."""
+        features = self.vertical(v_above)
+        return gate(features + bias), self.link(features)
+
+    def horizontal_step(self, h_left: torch.Tensor, h: torch.Tensor, link: torch.Tensor,
+                        bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h_left [B, C, R, W + reach]: the horizontal stack of W positions and the `reach` positions left of
+        them; h [B, C, R, W] itself; link and bias [B, 2C, R, W] -> (new h, skip) [B, C, R, W]."""
+        gated = gate(self.horizontal(h_left) + link + bias)
+        return h if self.residual is None else h + self.residual(gated), self.skip(gated)
+
     def forward(self, v: torch.Tensor, h: torch.Tensor,
                 bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """v, h [B, C, G, G], bias [B, 2C, G, G] (or broadcastable) -> (new v, new h, skip), each [B, C, G, G]."""
-        v_features = self.vertical(_pad_above(v, self.reach, self.reach))
-        h_features = self.horizontal(_pad_left(h, self.reach)) + self.link(v_features)
-        h_gated = gate(h_features + bias)
-        h = h if self.residual is None else h + self.residual(h_gated)
-        return gate(v_features + bias), h, self.skip(h_gated)
+        v_next, link = self.vertical_step(_pad_above(v, self.reach, self.reach), bias)
+        h_next, skip = self.horizontal_step(_pad_left(h, self.reach), h, link, bias)
+        return v_next, h_next, skip
 
 
 class GatedPixelCNN(nn.Module):
@@ -123,6 +159,11 @@ class GatedPixelCNN(nn.Module):
         self.first_link = nn.Conv2d(channels, channels, 1)
         depth = self.config.layers
         self.layers = nn.ModuleList([GatedLayer(channels, kernel_size, last=i == depth - 1) for i in range(depth)])
+        block = self.config.attention_block
+        # Keyed by the index of the gated layer each block precedes.
+        self.attention = nn.ModuleDict({str(index): BlockAttention(channels, self.config.grid_size, block,
+                                                                   self.config.attention_heads)
+                                        for index in self.config.attention_before})
         conditions = self.config.positions if self.config.conditional else 1
         self.conditioning = nn.Embedding(conditions, 2 * channels * self.config.layers)
         nn.init.zeros_(self.conditioning.weight)
@@ -163,13 +204,16 @@ class GatedPixelCNN(nn.Module):
         """codes [B, ...] and the matching slice of `position_map` [B, C, ...] -> embedded codes [B, C, ...]."""
         return self.embedding(codes).movedim(-1, 1) + position_map
 
-    def first_stacks(self, codes: torch.Tensor, position_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """codes [B, G, G] -> (v, h) [B, C, G, G] of the first layer, strictly above / strictly left."""
-        size = codes.shape[-1]
-        x = self.embed(codes, position_map)
-        v = self.first_vertical(_pad_above(x, self.reach, self.reach))[:, :, :size]
-        h = self.first_horizontal(_pad_left(x, self.reach))[:, :, :, :size] + self.first_link(v)
-        return v, h
+    def first_vertical_step(self, x_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_above [B, C, R + reach - 1, G + 2 reach]: embedded codes from `reach` rows above the first of R rows
+        to the row above the last -> (v, link into the horizontal stack) [B, C, R, G], strictly above."""
+        v = self.first_vertical(x_above)
+        return v, self.first_link(v)
+
+    def first_horizontal_step(self, x_left: torch.Tensor, link: torch.Tensor) -> torch.Tensor:
+        """x_left [B, C, R, W + reach - 1]: embedded codes from `reach` positions left of the first of W positions
+        to the one left of the last; link [B, C, R, W] -> h [B, C, R, W], strictly left (and above, via link)."""
+        return self.first_horizontal(x_left) + link
 
     def forward(self, codes: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """codes [B, G, G] int64, positions [B] int64 or None -> logits [B, K, G, G]."""
@@ -178,9 +222,14 @@ class GatedPixelCNN(nn.Module):
                               f"{self.config.grid_size}x{self.config.grid_size}")
         conditioning = self.condition_vectors(positions, codes.shape[0], codes.device)
         locations = self.location_maps()
-        v, h = self.first_stacks(codes, self.position_map(positions, codes.shape[0]))
+        x = self.embed(codes, self.position_map(positions, codes.shape[0]))
+        # The last row (column) of x is never above (left of) a position: the first layer's windows end before it.
+        v, link = self.first_vertical_step(_pad_above(x, self.reach, self.reach)[:, :, :-1])
+        h = self.first_horizontal_step(_pad_left(x, self.reach)[:, :, :, :-1], link)
         skip = torch.zeros_like(h)
-        for layer, vector, location in zip(self.layers, conditioning, locations, strict=True):
-            v, h, contribution = layer(v, h, _layer_bias(vector, location, v.dtype))
+        for index, (layer, vector, location) in enumerate(zip(self.layers, conditioning, locations, strict=True)):
+            if str(index) in self.attention:
+                h = self.attention[str(index)](h, x)
+            v, h, contribution = layer(v, h, layer_bias(vector, location, v.dtype))
             skip = skip + contribution
         return self.head(skip)
