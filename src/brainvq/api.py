@@ -368,7 +368,7 @@ def _save_tiles(images: np.ndarray, path: Path, columns: int = 8) -> None:
     save_grid(list(padded.reshape(-1, columns, *images.shape[1:])), path)
 
 
-def demo(run_dir: str | Path = "runs/demo", *, minutes: float = 18.0, seed: int = 0,
+def demo(run_dir: str | Path = "runs/demo", *, minutes: float = 16.0, seed: int = 0,
          progress: bool = True) -> dict[str, Any]:
     """The whole mission on the embedded default: demo cohort (RUN/data) -> VQ-VAE -> test evaluation -> prior
     -> samples and their evaluation -> RUN/report.html. `minutes` of training in all, DEMO_VQVAE_SHARE of it

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_run = commands.add_parser("demo", help="the whole job on the embedded default data, end to end")
     demo_run.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     demo_run.add_argument("--minutes", type=positive_float,
-                          help="training budget in minutes, 35%% VQ-VAE and 65%% prior (default 18; sampling and "
+                          help="training budget in minutes, 35%% VQ-VAE and 65%% prior (default 16; sampling and "
                                "evaluation come on top)")
     demo_run.add_argument("--seed", type=seed, default=0)
     demo_run.set_defaults(handler=run_demo)

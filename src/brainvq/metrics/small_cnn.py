@@ -36,19 +36,23 @@ class SmallCNN(nn.Module):
         return self.head(self.features(images))
 
 
-def train_small_cnn(images: Tensor, targets: Tensor, *, loss: str, epochs: int, seed: int,
+def train_small_cnn(images: Tensor, targets: Tensor, *, loss: str, epochs: int, seed: int, classes: int = 1,
                     batch_size: int = 32) -> SmallCNN:
-    """Train a fresh SmallCNN on downsampled `images` [N, 1, S, S] for `targets` [N] with loss "logistic"
-    (binary labels) or "squared" (a number); returns it in eval mode."""
-    losses = {"logistic": F.binary_cross_entropy_with_logits, "squared": F.mse_loss}
+    """Train a fresh SmallCNN on downsampled `images` [N, 1, S, S] for `targets` [N]: binary labels with loss
+    "logistic" (one output), or class indices 0..classes-1 with loss "categorical" (`classes` outputs); returns
+    it in eval mode."""
+    def logistic(outputs: Tensor, labels: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(outputs.squeeze(1), labels.float())
+
+    losses = {"logistic": logistic, "categorical": F.cross_entropy}
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():  # the initial weights, without reseeding the caller's global RNG
         torch.manual_seed(seed)
-        network = SmallCNN()
+        network = SmallCNN(classes)
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
     for _ in range(epochs):
         for batch in torch.randperm(len(images), generator=generator).split(batch_size):
-            value = losses[loss](network(images[batch]).squeeze(1), targets[batch].float())
+            value = losses[loss](network(images[batch]), targets[batch])
             optimizer.zero_grad()
             value.backward()
             optimizer.step()

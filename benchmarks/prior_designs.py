@@ -1,0 +1,95 @@
+"""Prior designs side by side: the same VQ-VAE, code grids and data, the same minutes, the same sample metrics.
+
+Each design trains a prior on a copy of a finished run (its VQ-VAE checkpoints and cached code grids; the copy
+shares the run's data folder) and is then measured by `brainvq evaluate-samples`. `--continue-prior` copies the
+run's own prior too and resumes it to `--minutes` in all: that measures what longer training of the same prior
+buys. The table compares every design folder under `--out` with the source run itself. Run from the repository
+root, after `brainvq demo --out runs/demo`:
+
+    python benchmarks/prior_designs.py --run runs/demo --design plain --attention-layers 0 --minutes 11.7
+    python benchmarks/prior_designs.py --run runs/demo --design attention-3x --continue-prior --minutes 35.1
+    python benchmarks/prior_designs.py --run runs/demo            # only the table of what is there
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from common import table
+
+from brainvq import api
+from brainvq.codes import CODES_FOLDER
+from brainvq.models.pixelcnn import PixelCNNConfig
+from brainvq.run import CONFIG_FILE, PRIOR_FOLDER, read_run_config
+from brainvq.runtime import machine_description, reuse_freed_memory
+from brainvq.training.loop import LAST_CHECKPOINT
+
+FROM_THE_RUN = (CONFIG_FILE, str(Path(LAST_CHECKPOINT).parent), CODES_FOLDER, "eval_test.json")
+
+
+def copy_run(run: Path, folder: Path, *, with_prior: bool) -> None:
+    """The VQ-VAE half of `run` (and its prior, `with_prior`) copied into a new `folder`."""
+    folder.mkdir(parents=True)
+    for name in FROM_THE_RUN + ((PRIOR_FOLDER,) if with_prior else ()):
+        source = run / name
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, folder / name)
+
+
+def figures(folder: Path) -> list[str]:
+    """One table row: the headline figures of a run folder's eval_samples.json and its prior's config."""
+    results = json.loads((folder / "eval_samples.json").read_text())
+    prior_model, prior_train = read_run_config(folder / PRIOR_FOLDER, PixelCNNConfig)
+    epochs = len((folder / PRIOR_FOLDER / "metrics.jsonl").read_text().splitlines())
+    c2st = results["c2st"]
+
+    def auc(name: str) -> str:
+        low, high = c2st[name]["ci95"]
+        return f"{c2st[name]['auc']:.3f} [{low:.2f}, {high:.2f}]"
+
+    return [folder.name, str(prior_model.attention_layers), f"{prior_train.max_minutes}", str(epochs),
+            f"{results['prior_nll_bits_per_code']:.3f}",
+            f"{results['position_error']['samples']:.2f} / {results['position_error']['real_test']:.2f}",
+            f"{auc('samples_vs_reconstructed')} / {auc('real_vs_reconstructed')}",
+            f"{auc('samples_vs_raw')} / {auc('real_vs_raw')}",
+            f"{results['frechet']['samples_vs_test']:.3g} / {results['frechet']['validation_vs_test']:.3g}",
+            f"{results['diversity_ms_ssim']['samples']:.3f} / {results['diversity_ms_ssim']['real_test']:.3f}",
+            f"{results['seconds_per_generated_image']:.2f}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished run (default runs/demo)")
+    parser.add_argument("--out", type=Path, default=Path("runs/prior_designs"), help="where design folders go")
+    parser.add_argument("--design", help="name of the design folder to make (none: only print the table)")
+    parser.add_argument("--attention-layers", type=int, help="the design's attention blocks (0: plain gated)")
+    parser.add_argument("--continue-prior", action="store_true", help="resume the run's own prior instead")
+    parser.add_argument("--minutes", type=float, help="prior training minutes in all (default: the run's)")
+    parser.add_argument("--n", type=int, default=256, help="samples for evaluate-samples (default 256)")
+    args = parser.parse_args()
+    reuse_freed_memory()
+    if args.design:
+        folder = args.out / args.design
+        copy_run(args.run, folder, with_prior=args.continue_prior)
+        prior_model, prior_train = read_run_config(args.run / PRIOR_FOLDER, PixelCNNConfig)
+        minutes = args.minutes or prior_train.max_minutes
+        if args.continue_prior:
+            api.train_prior(folder, resume=True, resume_overrides={"max_minutes": minutes})
+        else:
+            layers = prior_model.attention_layers if args.attention_layers is None else args.attention_layers
+            api.train_prior(folder, prior_config=dataclasses.replace(prior_model, attention_layers=layers),
+                            train_config=dataclasses.replace(prior_train, max_minutes=minutes, data_dir=""))
+        api.evaluate_samples(folder, n=args.n, seed=0)
+    rows = [figures(folder) for folder in [args.run, *sorted(args.out.glob("*"))]
+            if (folder / "eval_samples.json").is_file()]
+    print(f"\nprior designs on {args.run}, {machine_description()}; each cell: samples / real")
+    print(table(["run", "attention layers", "minutes", "epochs", "test NLL bits/code", "position error",
+                 "C2ST vs reconstructed", "C2ST vs raw", "Fréchet (vs val-test)", "MS-SSIM diversity",
+                 "s per sample"], rows))
+
+
+if __name__ == "__main__":
+    main()
