@@ -93,7 +93,8 @@ def test_unconditional_model_ignores_positions_and_bad_positions_are_refused():
 
 def test_the_location_map_makes_the_logits_depend_on_where_a_position_is():
     torch.manual_seed(0)
-    config = PixelCNNConfig(codebook_size=6, channels=8, layers=1, kernel_size=3, grid_size=16, conditional=False)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=1, kernel_size=3, grid_size=16, conditional=False,
+                            attention_layers=0)  # the stacks alone: their reach is what this test counts on
     model = GatedPixelCNN(config)
     # The same code everywhere, and two positions whose receptive fields (2 positions each way) stay off the
     # zero padding: only their location tells them apart.
@@ -106,7 +107,8 @@ def test_the_location_map_makes_the_logits_depend_on_where_a_position_is():
 
 def test_the_position_map_gives_each_slice_position_its_own_spatial_pattern():
     torch.manual_seed(0)
-    config = PixelCNNConfig(codebook_size=6, channels=8, layers=1, kernel_size=3, grid_size=16, position_map_size=4)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=1, kernel_size=3, grid_size=16, position_map_size=4,
+                            attention_layers=0)  # the stacks alone: their reach is what this test counts on
     model = GatedPixelCNN(config)
     codes = torch.zeros(2, 16, 16, dtype=torch.int64)
     positions = torch.tensor([3, 30])
