@@ -42,15 +42,16 @@ def copy_run(run: Path, folder: Path, *, with_prior: bool) -> None:
 def figures(folder: Path) -> list[str]:
     """One table row: the headline figures of a run folder's eval_samples.json and its prior's config."""
     results = json.loads((folder / "eval_samples.json").read_text())
-    prior_model, prior_train = read_run_config(folder / PRIOR_FOLDER, PixelCNNConfig)
-    epochs = len((folder / PRIOR_FOLDER / "metrics.jsonl").read_text().splitlines())
+    prior_model, _ = read_run_config(folder / PRIOR_FOLDER, PixelCNNConfig)
+    history = [json.loads(line) for line in (folder / PRIOR_FOLDER / "metrics.jsonl").read_text().splitlines()]
+    minutes = history[-1]["elapsed_seconds"] / 60  # config.json keeps the first budget; a resume may extend it
     c2st = results["c2st"]
 
     def auc(name: str) -> str:
         low, high = c2st[name]["ci95"]
         return f"{c2st[name]['auc']:.3f} [{low:.2f}, {high:.2f}]"
 
-    return [folder.name, str(prior_model.attention_layers), f"{prior_train.max_minutes}", str(epochs),
+    return [folder.name, str(prior_model.attention_layers), f"{minutes:.1f}", str(history[-1]["epoch"]),
             f"{results['prior_nll_bits_per_code']:.3f}",
             f"{results['position_error']['samples']:.2f} / {results['position_error']['real_test']:.2f}",
             f"{auc('samples_vs_reconstructed')} / {auc('real_vs_reconstructed')}",
@@ -86,8 +87,8 @@ def main() -> None:
     rows = [figures(folder) for folder in [args.run, *sorted(args.out.glob("*"))]
             if (folder / "eval_samples.json").is_file()]
     print(f"\nprior designs on {args.run}, {machine_description()}; each cell: samples / real")
-    print(table(["run", "attention layers", "minutes", "epochs", "test NLL bits/code", "position error",
-                 "C2ST vs reconstructed", "C2ST vs raw", "Fréchet (vs val-test)", "MS-SSIM diversity",
+    print(table(["run", "attention layers", "minutes trained", "epochs (last partial)", "test NLL bits/code",
+                 "position error", "C2ST vs reconstructed", "C2ST vs raw", "Fréchet (vs val-test)", "MS-SSIM diversity",
                  "s per sample"], rows))
 
 

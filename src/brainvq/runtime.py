@@ -3,9 +3,9 @@ allocator and seeding.
 
 On a CPU with native bf16 instructions (AVX-512-BF16 or AMX) the fast path is bf16 autocast with channels_last
 tensors: about 2x fp32 NCHW, which is what its bf16:fp32 arithmetic ratio allows (benchmarks/RESULTS.md). On a
-CPU without them (most laptops, AVX2 servers) bf16 is emulated and was measured 5-7x *slower* than fp32, so
-`precision="auto"` (the default) picks fp32 there. On CUDA it is bf16 autocast with TF32 matmuls and
-torch.compile. fp32 stays available everywhere (`precision="fp32"`).
+CPU without them (most laptops, AVX2 servers) bf16 is emulated and was measured several times *slower* than
+fp32 (benchmarks/RESULTS.md), so `precision="auto"` (the default) picks fp32 there. On CUDA it is bf16 autocast
+with TF32 matmuls and torch.compile. fp32 stays available everywhere (`precision="fp32"`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX-512-BF16 or AMX-BF16; Linux's /proc/cpuinfo flags).
 
     Why not `torch.ops.mkldnn._is_mkldnn_bf16_supported()`: it also says yes for AVX-512 CPUs that only emulate
-    bf16. Measured on a 2-core AMD EPYC without these flags (AVX2 only, torch 2.13): the VQ-VAE's training step
-    ran at 4.8 images/s in bf16 against 34 in fp32."""
+    bf16. On a 2-core AMD EPYC without these flags (AVX2 only, torch 2.13) bf16 autocast made the VQ-VAE's
+    training step 14-16x slower than fp32: 0.33 against 4.8-5.6 images/s (benchmarks/RESULTS.md, "2026-11-30: a
+    machine without bf16")."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
