@@ -26,7 +26,14 @@ from brainvq.errors import CheckpointError, ConfigError
 from brainvq.images import save_grid, save_png, to_uint8
 from brainvq.metrics.inception import load_inception
 from brainvq.metrics.position import PositionRegressor
-from brainvq.metrics.samples import c2st, fid, frechet_distance, mean_pairwise_ms_ssim, nearest_ssim
+from brainvq.metrics.samples import (
+    as_float_images,
+    c2st,
+    fid,
+    frechet_distance,
+    mean_pairwise_ms_ssim,
+    nearest_ssim,
+)
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.reconstruction import measure_reconstructions, reconstruct_batches
@@ -262,8 +269,8 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     positions = torch.arange(n) % prior.config.positions
     generated, _, seconds = generate(run_dir, n, seed=seed, slice_position=positions.tolist(), device=device)
     splits = {split: load_split(data_dir, split) for split in ("train", "validate", "test")}
-    real = {split: _as_images(splits[split].images) for split in ("validate", "test")}
-    training_groups = _training_groups(splits["train"], n, seed)
+    real = {split: as_float_images(splits[split].images) for split in ("validate", "test")}
+    training_groups = _training_groups(splits["train"], n)
     vqvae, _, vqvae_device, precision = _ready_vqvae(run_dir, device, None)
 
     def reconstructed(images: torch.Tensor) -> torch.Tensor:
@@ -272,7 +279,7 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
 
     half = n // 2
     candidates = {"samples": (generated[:half], generated[half:]),
-                  "real": tuple(_as_images(splits["train"].images[group]) for group in training_groups)}
+                  "real": tuple(as_float_images(splits["train"].images[group]) for group in training_groups)}
     c2st_results = {}
     for form in ("raw", "reconstructed"):
         against = real if form == "raw" else {split: reconstructed(images) for split, images in real.items()}
@@ -282,7 +289,7 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
             c2st_results[f"{name}_vs_{form}"] = c2st((first, against["validate"]), (second, against["test"]),
                                                      seed=seed)
     train_positions = torch.from_numpy(splits["train"].slice_indices)
-    regressor = PositionRegressor(_as_images(splits["train"].images), train_positions, prior.config.positions,
+    regressor = PositionRegressor(as_float_images(splits["train"].images), train_positions, prior.config.positions,
                                   seed=seed)
     test_positions = torch.from_numpy(splits["test"].slice_indices)
     count = min(n, len(real["validate"]), len(real["test"]))  # the same n on both sides of each distance
@@ -311,12 +318,7 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     return results
 
 
-def _as_images(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W] -> float32 [N, 1, H, W] in [0, 1]."""
-    return torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255).unsqueeze(1)
-
-
-def _training_groups(train: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _training_groups(train: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of n training slices in two halves from disjoint halves of the training subjects, spread evenly
     over each half's slices (so over its subjects and slice positions)."""
     cases = sorted(set(train.case_ids))

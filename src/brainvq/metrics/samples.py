@@ -98,17 +98,17 @@ def nearest_ssim(queries: Tensor, references: np.ndarray, *, shortlist: int = 16
         return F.adaptive_avg_pool2d(images.float(), 32).flatten(1)
 
     query_features = small(queries)
-    distances = torch.cat([torch.cdist(query_features, small(_as_float(references[start:start + batch_size])))
+    distances = torch.cat([torch.cdist(query_features, small(as_float_images(references[start:start + batch_size])))
                            for start in range(0, len(references), batch_size)], dim=1)  # [N, M]
     candidates = distances.topk(min(shortlist, len(references)), largest=False).indices  # [N, shortlist]
     best = torch.empty(len(queries))
     for index, query in enumerate(queries):
-        chosen = _as_float(references[np.sort(candidates[index].numpy())])
+        chosen = as_float_images(references[np.sort(candidates[index].numpy())])
         best[index] = ssim(query.expand(len(chosen), -1, -1, -1), chosen).max()
     return best
 
 
-def _as_float(images: np.ndarray) -> Tensor:
+def as_float_images(images: np.ndarray) -> Tensor:
     """uint8 [M, H, W] -> float32 [M, 1, H, W] in [0, 1]."""
     return torch.from_numpy(np.asarray(images, dtype=np.float32) / 255).unsqueeze(1)
 
