@@ -156,8 +156,8 @@ def _codebook_usage(run_dir: Path) -> str:
 def _headline(run_dir: Path) -> str:
     """Each sample measure of eval_samples.json beside the same measure on real slices."""
     results = _read_json(run_dir / "eval_samples.json")
-    if results is None:
-        return _missing("sample evaluation", f"brainvq evaluate-samples {run_dir}")
+    if results is None or "c2st" not in results:  # absent, or written before the measures had real rows
+        return _missing("sample evaluation with real rows", f"brainvq evaluate-samples {run_dir}")
     c2st = results["c2st"]
 
     def auc(name: str) -> str:
