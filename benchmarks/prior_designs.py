@@ -22,11 +22,9 @@ from pathlib import Path
 from common import table
 
 from brainvq import api
-from brainvq.codes import CODES_FOLDER
 from brainvq.models.pixelcnn import PixelCNNConfig
-from brainvq.run import CONFIG_FILE, PRIOR_FOLDER, read_run_config
+from brainvq.run import CODES_FOLDER, CONFIG_FILE, LAST_CHECKPOINT, PRIOR_FOLDER, read_run_config
 from brainvq.runtime import machine_description, reuse_freed_memory
-from brainvq.training.loop import LAST_CHECKPOINT
 
 FROM_THE_RUN = (CONFIG_FILE, str(Path(LAST_CHECKPOINT).parent), CODES_FOLDER, "eval_test.json")
 

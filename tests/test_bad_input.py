@@ -120,8 +120,7 @@ from brainvq.data.layout import MAX_IMAGE_PIXELS, SLICES_PER_CASE, split_folder,
 from brainvq.data.volumes import MAX_VOXELS
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
-from brainvq.run import PRIOR_FOLDER, write_run_config
-from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT
+from brainvq.run import BEST_CHECKPOINT, LAST_CHECKPOINT, PRIOR_FOLDER, write_run_config
 
 TRAIN_FAST = ["--batch-size", "8", "--quiet", "--max-minutes", "0", "--epochs", "1"]
 SMALL_VQVAE = VQVAEConfig(downsample=8, channels=8, residual_channels=4, code_dim=4, codebook_size=8)

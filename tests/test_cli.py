@@ -56,6 +56,18 @@ def test_train_evaluate_reconstruct_end_to_end(tiny_cohort, tmp_path, capsys):
     assert written == originals
 
 
+def test_evaluate_and_reconstruct_default_to_the_runs_data_and_take_either_checkpoint(tiny_cohort, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train-vqvae", "--data", str(tiny_cohort), "--out", str(run), "--epochs", "1", *TRAIN_FAST]) == 0
+    for checkpoint in ("best", "last"):
+        capsys.readouterr()
+        assert main(["evaluate", str(run), "--split", "validate", "--checkpoint", checkpoint]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["data_dir"] == str(tiny_cohort.resolve()) and printed["checkpoint"] == checkpoint
+    assert main(["reconstruct", str(run), "--out", str(tmp_path / "recon"), "--checkpoint", "last"]) == 0
+    assert len(list((tmp_path / "recon").iterdir())) == len(list((tiny_cohort / "keras_png_slices_test").iterdir()))
+
+
 def test_user_mistakes_get_one_line_and_a_non_zero_exit(tiny_cohort, tmp_path, capsys):
     missing = tmp_path / "no such data"
     assert main(["train-vqvae", "--data", str(missing), "--out", str(tmp_path / "r"), *TRAIN_FAST]) == 1

@@ -12,7 +12,7 @@ from brainvq.checkpoint import load_checkpoint
 from brainvq.cli import main
 from brainvq.config import TrainConfig, VQVAEConfig
 from brainvq.models.pixelcnn import PixelCNNConfig
-from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT
+from brainvq.run import BEST_CHECKPOINT, LAST_CHECKPOINT
 
 VQVAE = VQVAEConfig(downsample=16, channels=32, code_dim=16)  # 16x16 code grids: quick to sample
 PRIOR = PixelCNNConfig(codebook_size=32, channels=16, layers=3, grid_size=16)

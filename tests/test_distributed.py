@@ -9,7 +9,7 @@ import torch
 
 from brainvq.checkpoint import load_checkpoint
 from brainvq.cli import main
-from brainvq.training.loop import LAST_CHECKPOINT
+from brainvq.run import LAST_CHECKPOINT
 
 STEPS = ["--max-steps", "3", "--epochs", "1", "--batch-size", "8", "--precision", "fp32", "--quiet",
          "--max-minutes", "0"]

@@ -45,8 +45,7 @@ from brainvq.data.volumes import load_volume, volume_to_slices
 from brainvq.errors import BrainVQError
 from brainvq.images import load_png
 from brainvq.models.vqvae import VQVAE
-from brainvq.run import load_vqvae, read_run_config, write_run_config
-from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT
+from brainvq.run import BEST_CHECKPOINT, LAST_CHECKPOINT, load_vqvae, read_run_config, write_run_config
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1,6 +1,7 @@
 """The generation half end to end on the tiny cohort: code grids -> prior -> samples -> evaluation -> report."""
 
 import json
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from brainvq import api
@@ -17,6 +19,7 @@ from brainvq.errors import ConfigError
 from brainvq.images import load_png
 from brainvq.models.pixelcnn import PixelCNNConfig
 from brainvq.report import write_report
+from brainvq.sampling import sample_fast
 
 QUICK = {"max_minutes": None, "batch_size": 8, "seed": 1}
 
@@ -128,7 +131,9 @@ def test_evaluate_samples_then_report(trained_run, tiny_cohort):
     assert text.index("Headline figures") < text.index("Generated slices") < text.index("Settings")
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+# CI installs chromium (.ci/run), so there the test must run: a skip would hide a report that no browser renders.
+@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"),
+                    reason="needs Debian's chromium (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(trained_run, tmp_path):
     write_report(trained_run)
     screenshot = tmp_path / "report.png"
@@ -138,3 +143,19 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
     pixels = np.asarray(Image.open(screenshot).convert("L"))
     assert pixels.shape[1] == 1200
     assert pixels.std() > 10  # text, plots and brains, not a blank page
+
+
+def test_generate_samples_with_tf32_off_and_restores_the_setting(trained_run, monkeypatch):
+    """On CUDA, TF32 made fast and naive sampling disagree (benchmarks/RESULTS.md): sampling runs without it."""
+    during = []
+
+    def spying_sampler(*args, **kwargs):
+        during.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return sample_fast(*args, **kwargs)
+
+    monkeypatch.setattr(api, "sample_fast", spying_sampler)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    api.generate(trained_run, 1, seed=0, slice_position=3)
+    assert during == [(False, False)]
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32

@@ -32,3 +32,41 @@ def test_a_steps_freed_memory_is_reused_instead_of_page_faulted_in_again():
     if default < 30_000:
         pytest.skip(f"{default} page faults with glibc's defaults: this kernel backs the blocks with huge pages")
     assert faults_of_the_sixth_step("keep") < 1_000
+
+
+def test_devices_by_name_number_and_kind(monkeypatch):
+    import torch
+
+    from brainvq.errors import ConfigError
+    from brainvq.runtime import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ConfigError, match="has 2 CUDA GPU"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no Apple GPU"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("mps") == torch.device("mps")
+    for bad in ("gpu", "cuda:", "cuda:-1", "CPU"):
+        with pytest.raises(ConfigError, match="'cuda:N'"):
+            resolve_device(bad)
+
+
+def test_tf32_off_turns_tf32_off_inside_and_restores_the_settings_after():
+    import torch
+
+    from brainvq.runtime import tf32_off
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with tf32_off():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -39,18 +39,27 @@ from brainvq.models.vqvae import VQVAE
 from brainvq.reconstruction import measure_reconstructions, reconstruct_batches
 from brainvq.report import write_report
 from brainvq.run import (
+    BEST_CHECKPOINT,
     CONFIG_FILE,
+    LAST_CHECKPOINT,
+    PRIOR_EVALUATION,
     PRIOR_FOLDER,
+    REAL_VS_GENERATED,
+    SAMPLE_EVALUATION,
+    SAMPLES_BY_POSITION,
+    SAMPLES_GRID,
+    evaluation_file,
     load_prior,
     load_vqvae,
     prior_vqvae_mismatch,
     read_run_config,
+    reconstruction_grid,
     resumed_train_config,
     write_run_config,
 )
-from brainvq.runtime import prepare_module, resolve_device, resolve_precision, seed_everything
+from brainvq.runtime import prepare_module, resolve_device, resolve_precision, seed_everything, tf32_off
 from brainvq.sampling import draw_uniforms, sample_fast, sample_naive
-from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, train
+from brainvq.training.loop import train
 from brainvq.training.prior import PriorTask, code_dataset, nll_bits_per_code
 from brainvq.training.vqvae import VQVAETask
 
@@ -89,27 +98,32 @@ def train_vqvae(data_dir: str | Path, run_dir: str | Path, *, model_config: VQVA
         return train(task, train_set, run_dir, train_config, device, resume=resume, progress=progress)
 
 
-def evaluate(run_dir: str | Path, data_dir: str | Path, *, split: str = "test", device: str = "auto",
-             precision: str | None = None, batch_size: int = 32) -> dict[str, Any]:
-    """Reconstruction quality of the run's best VQ-VAE on `split`: writes eval_<split>.json and
-    recon_<split>.png (originals above reconstructions) into the run folder and returns the figures."""
+def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test", device: str = "auto",
+             precision: str | None = None, batch_size: int = 32, checkpoint: str = "best") -> dict[str, Any]:
+    """Reconstruction quality of the run's VQ-VAE (its `checkpoint`, "best" or "last") on `split` of `data_dir`
+    (default: the folder it was trained on): writes eval_<split>.json and recon_<split>.png (originals above
+    reconstructions) into the run folder and returns the figures."""
     run_dir = Path(run_dir)
-    model, metadata, torch_device, precision = _ready_vqvae(run_dir, device, precision)
+    data_dir = _data_dir(run_dir, data_dir)
+    model, metadata, torch_device, precision = _ready_vqvae(run_dir, device, precision, checkpoint)
     dataset = SliceDataset(load_split(data_dir, split))
     results = measure_reconstructions(model, dataset, device=torch_device, precision=precision,
                                       batch_size=batch_size)
-    results |= {"split": split, "data_dir": str(Path(data_dir).resolve()), "checkpoint_epoch": metadata["epoch"],
-                "precision": precision}
-    save_json(run_dir / f"eval_{split}.json", results)
-    _save_reconstruction_grid(model, dataset, run_dir / f"recon_{split}.png", torch_device, precision)
+    results |= {"split": split, "data_dir": str(Path(data_dir).resolve()), "checkpoint": checkpoint,
+                "checkpoint_epoch": metadata["epoch"], "precision": precision}
+    save_json(run_dir / evaluation_file(split), results)
+    _save_reconstruction_grid(model, dataset, run_dir / reconstruction_grid(split), torch_device, precision)
     return results
 
 
-def reconstruct(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *, split: str = "test",
-                device: str = "auto", precision: str | None = None, batch_size: int = 32) -> int:
-    """Write each reconstruction of `split` as an 8-bit PNG named like its input; returns the count."""
+def reconstruct(run_dir: str | Path, out_dir: str | Path, *, data_dir: str | Path | None = None, split: str = "test",
+                device: str = "auto", precision: str | None = None, batch_size: int = 32,
+                checkpoint: str = "best") -> int:
+    """Write each reconstruction of `split` (of `data_dir`, default the run's own data) as an 8-bit PNG named
+    like its input into `out_dir`; returns the count."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    model, _, torch_device, precision = _ready_vqvae(run_dir, device, precision)
+    data_dir = _data_dir(run_dir, data_dir)
+    model, _, torch_device, precision = _ready_vqvae(run_dir, device, precision, checkpoint)
     slices = load_split(data_dir, split)
     files = iter(slices.files)
     count = 0
@@ -129,8 +143,8 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
     test negative log-likelihoods in bits per code, also written to RUN/prior/eval_prior.json."""
     run_dir = Path(run_dir)
     prior_dir = run_dir / PRIOR_FOLDER
-    vqvae_config, vqvae_train = read_run_config(run_dir)
-    data_dir = Path(data_dir or vqvae_train.data_dir)
+    vqvae_config, _ = read_run_config(run_dir)
+    data_dir = _data_dir(run_dir, data_dir)
     prior_config = prior_config or PixelCNNConfig(codebook_size=vqvae_config.codebook_size,
                                                   grid_size=vqvae_config.grid_size)
     prior_config, train_config = _run_settings(prior_dir, PixelCNNConfig, prior_config, train_config, resume=resume,
@@ -159,7 +173,7 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
         "checkpoint_epoch": metadata["epoch"], "grid_size": vqvae_config.grid_size,
         "codebook_size": vqvae_config.codebook_size,
     }
-    save_json(prior_dir / "eval_prior.json", results)
+    save_json(prior_dir / PRIOR_EVALUATION, results)
     return results
 
 
@@ -221,8 +235,9 @@ def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float =
             raise ConfigError(f"slice position must be in 0..{prior.config.positions - 1}, not {int(bad[0])}")
     uniforms = draw_uniforms(n, vqvae.config.grid_size, generator)
     started = time.perf_counter()
-    codes = samplers[method](prior.to(torch_device), uniforms, positions.to(torch_device), temperature=temperature,
-                             top_k=top_k)
+    with tf32_off():  # so that fast and naive sampling agree on CUDA too (runtime.tf32_off says why)
+        codes = samplers[method](prior.to(torch_device), uniforms, positions.to(torch_device),
+                                 temperature=temperature, top_k=top_k)
     images = vqvae.to(torch_device).decode(codes).cpu()
     return images, positions, time.perf_counter() - started
 
@@ -235,7 +250,7 @@ def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> 
     pixels = to_uint8(images)
     for image, file in zip(pixels, files, strict=True):
         save_png(image, file)
-    _save_tiles(pixels, out_dir / "samples_grid.png")
+    _save_tiles(pixels, out_dir / SAMPLES_GRID)
     return {"n": n, "seconds": seconds, "positions": positions.tolist(), "files": [str(file) for file in files]}
 
 
@@ -262,9 +277,9 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     # Read before sampling, which takes minutes: a bad weights file fails at once.
     torch_device = resolve_device(device)
     inception = None if fid_weights is None else load_inception(fid_weights).to(torch_device)
-    prior_nll = _number(load_json(run_dir / PRIOR_FOLDER / "eval_prior.json"), "test_nll_bits_per_code",
-                        run_dir / PRIOR_FOLDER / "eval_prior.json")
-    data_dir = Path(data_dir or read_run_config(run_dir)[1].data_dir)
+    prior_nll = _number(load_json(run_dir / PRIOR_FOLDER / PRIOR_EVALUATION), "test_nll_bits_per_code",
+                        run_dir / PRIOR_FOLDER / PRIOR_EVALUATION)
+    data_dir = _data_dir(run_dir, data_dir)
     prior, _ = load_prior(run_dir)
     positions = torch.arange(n) % prior.config.positions
     generated, _, seconds = generate(run_dir, n, seed=seed, slice_position=positions.tolist(), device=device)
@@ -313,7 +328,7 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     }
     if inception is not None:
         results["fid"] = fid(real["test"][:count].to(torch_device), generated[:count].to(torch_device), inception)
-    save_json(run_dir / "eval_samples.json", results)
+    save_json(run_dir / SAMPLE_EVALUATION, results)
     _save_sample_pictures(run_dir, generated, positions, real["test"], test_positions, seed)
     return results
 
@@ -337,9 +352,9 @@ def _save_sample_pictures(run_dir: Path, generated: torch.Tensor, positions: tor
     positions)."""
     pixels = to_uint8(generated)
     chosen = torch.randperm(len(generated), generator=torch.Generator().manual_seed(seed))[:32]
-    _save_tiles(pixels[chosen.numpy()], run_dir / "samples_grid.png")
+    _save_tiles(pixels[chosen.numpy()], run_dir / SAMPLES_GRID)
     first_of_each = [int(np.flatnonzero(positions.numpy() == p)[0]) for p in positions.unique().tolist()]
-    _save_tiles(pixels[first_of_each], run_dir / "samples_by_position.png")
+    _save_tiles(pixels[first_of_each], run_dir / SAMPLES_BY_POSITION)
     real_pixels, blank = to_uint8(test), np.zeros_like(pixels[0])
     rows = []
     for start in range(0, len(first_of_each), 8):
@@ -348,7 +363,7 @@ def _save_sample_pictures(run_dir: Path, generated: torch.Tensor, positions: tor
         padding = [blank] * (8 - len(shown))
         rows += [np.stack([real_pixels[m[0]] if len(m) else blank for m in matching] + padding),
                  np.stack([pixels[index] for index in shown] + padding)]
-    _save_tiles(np.concatenate(rows), run_dir / "real_vs_generated_by_position.png")
+    _save_tiles(np.concatenate(rows), run_dir / REAL_VS_GENERATED)
 
 
 def _number(values: Any, key: str, source: Path) -> float:
@@ -394,11 +409,18 @@ def demo(run_dir: str | Path = "runs/demo", *, minutes: float = 16.0, seed: int 
     return results
 
 
-def _ready_vqvae(run_dir: Path, device: str, precision: str | None) -> tuple[VQVAE, dict[str, Any], torch.device, str]:
-    """The run's best VQ-VAE on `device`, in `precision` (default: the one it was trained with).
+def _data_dir(run_dir: Path, data_dir: str | Path | None) -> Path:
+    """`data_dir` if given, else the data folder the run's VQ-VAE was trained on (recorded in RUN/config.json)."""
+    return Path(data_dir or read_run_config(run_dir)[1].data_dir)
+
+
+def _ready_vqvae(run_dir: Path, device: str, precision: str | None,
+                 checkpoint: str = "best") -> tuple[VQVAE, dict[str, Any], torch.device, str]:
+    """The run's VQ-VAE (`checkpoint`: "best" or "last") on `device`, in `precision` (default: the one it was
+    trained with).
 
     Returns (model, checkpoint metadata, torch device, precision)."""
-    model, metadata = load_vqvae(run_dir)
+    model, metadata = load_vqvae(run_dir, checkpoint=checkpoint)
     precision = precision or read_run_config(run_dir)[1].precision
     torch_device = resolve_device(device)
     return prepare_module(model, torch_device, precision), metadata, torch_device, precision

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from brainvq import __version__
-from brainvq.config import MAX_SEED
+from brainvq.config import DEVICE_NAMES, MAX_SEED, is_device_name
 from brainvq.errors import BrainVQError
 
 
@@ -61,6 +61,16 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, not {text}")
     return value
+
+
+def device_name(text: str) -> str:
+    if not is_device_name(text):
+        raise argparse.ArgumentTypeError(f"must be {DEVICE_NAMES}, not {text!r}")
+    return text
+
+
+DEVICE_HELP = f"{DEVICE_NAMES}; default auto: cuda when present, else cpu"
+CHECKPOINT_CHOICES = ("best", "last")  # run.CHECKPOINTS' keys (a test checks), without importing torch for --help
 
 
 def minutes(text: str) -> float:
@@ -138,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--slice", type=non_negative_int, default=None, dest="slice_position", metavar="S",
                           help="slice position 0..31 for every sample (default: drawn at random)")
     sampling.add_argument("--method", choices=("fast", "naive"), default="fast",
-                          help="fast (cached, default) or naive (full network per code); same samples")
-    sampling.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+                          help="fast (cached, default) or naive (full network per code): the same samples on a "
+                               "CPU, bit for bit (tested); on CUDA both run without TF32 and agreed when measured, "
+                               "but GPU kernels may add in other orders, so it is not a guarantee there")
+    sampling.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     sampling.set_defaults(handler=run_sample)
 
     sample_evaluation = commands.add_parser("evaluate-samples",
@@ -149,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_evaluation.add_argument("--n", type=sample_count, default=256,
                                    help="samples to generate (default 256; half face each held-out split)")
     sample_evaluation.add_argument("--seed", type=seed, default=0)
-    sample_evaluation.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sample_evaluation.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     sample_evaluation.add_argument("--fid-weights", type=Path, metavar="FILE",
                                    help="FID Inception weights (safetensors, made by scripts/convert_fid_weights.py):"
                                         " adds the FID of samples vs real test slices")
@@ -180,7 +192,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, *, epochs_default: 
     parser.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                         help="bf16 autocast, fp32, or auto (default): bf16 where the GPU or CPU computes it natively")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when present")
+    parser.add_argument("--device", type=device_name, help=DEVICE_HELP)
     parser.add_argument("--compile", choices=("auto", "on", "off"),
                         help="torch.compile the network (default auto: on CUDA only)")
     parser.add_argument("--seed", type=seed, help="random seed (default 0)")
@@ -190,9 +202,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser, *, epochs_default: 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="run folder written by train-vqvae")
-    parser.add_argument("--data", type=Path, required=True, help="data folder (OASIS layout)")
+    parser.add_argument("--data", type=Path, help="data folder (OASIS layout; default: the one the run was trained on)")
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
+                        help="the best (by validation) or the last weights (default best)")
     parser.add_argument("--split", choices=("train", "validate", "test"), default="test", help="default test")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                         help="default: the precision the run was trained with")
 
@@ -297,15 +311,16 @@ def run_sample(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     from brainvq import api
 
-    results = api.evaluate(args.run, args.data, split=args.split, device=args.device, precision=args.precision)
+    results = api.evaluate(args.run, args.data, split=args.split, device=args.device, precision=args.precision,
+                           checkpoint=args.checkpoint)
     print(json.dumps(results, indent=2))
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
     from brainvq import api
 
-    count = api.reconstruct(args.run, args.data, args.out, split=args.split, device=args.device,
-                            precision=args.precision)
+    count = api.reconstruct(args.run, args.out, data_dir=args.data, split=args.split, device=args.device,
+                            precision=args.precision, checkpoint=args.checkpoint)
     print(f"wrote {count} reconstructions to {args.out}")
 
 

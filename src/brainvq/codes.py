@@ -21,10 +21,8 @@ from torch.utils.data import DataLoader
 from brainvq.atomic import atomic_path, atomic_write_bytes, remove_stale_temporaries
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.models.vqvae import VQVAE
+from brainvq.run import BEST_CHECKPOINT, CODES_FOLDER
 from brainvq.runtime import autocast, prepare_images
-from brainvq.training.loop import BEST_CHECKPOINT
-
-CODES_FOLDER = "codes"
 
 
 @dataclass

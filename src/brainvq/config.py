@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,15 @@ MAX_SEED = 2**32 - 1
 # warm-up bump to 5; Adam is nearly blind to a uniform scale, so the clip only tames the rare spike that made an
 # unclipped 8x VQ-VAE diverge.
 MAX_GRAD_NORM = 1.0
+
+
+DEVICE_NAMES = "'auto', 'cpu', 'cuda', 'cuda:N' (GPU number N) or 'mps' (Apple GPUs)"
+_DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def is_device_name(name: str) -> bool:
+    """Whether `name` is one of DEVICE_NAMES (whether that device exists is resolve_device's question)."""
+    return _DEVICE_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = MAX_GRAD_NORM  # gradients are clipped to this global norm (None: never)
     precision: str = "auto"  # "bf16" autocast (+ channels_last), "fp32", or "auto": bf16 where the hardware has it
-    device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
+    device: str = "auto"  # "auto" (cuda when present, else cpu), "cpu", "cuda", "cuda:N" or "mps"
     compile: str = "auto"  # torch.compile the network: "auto" (on CUDA only), "on" or "off"
     seed: int = 0
     val_images: int = 256  # validation subset per epoch (evenly spaced over the split)
@@ -106,7 +116,7 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         _require(self.precision in ("auto", "bf16", "fp32"), "precision", "must be 'auto', 'bf16' or 'fp32'")
-        _require(self.device in ("auto", "cpu", "cuda"), "device", "must be 'auto', 'cpu' or 'cuda'")
+        _require(is_device_name(self.device), "device", f"must be {DEVICE_NAMES}")
         _require(self.compile in ("auto", "on", "off"), "compile", "must be 'auto', 'on' or 'off'")
         _require(self.val_images >= 1, "val_images", "must be >= 1")
         _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}")

@@ -18,9 +18,20 @@ from matplotlib.figure import Figure  # the object API needs no display backend
 
 from brainvq import __version__
 from brainvq.atomic import atomic_write_bytes
-from brainvq.codes import CODES_FOLDER
-from brainvq.run import CONFIG_FILE, PRIOR_FOLDER
-from brainvq.training.loop import METRICS_FILE
+from brainvq.run import (
+    CODES_FOLDER,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PRIOR_EVALUATION,
+    PRIOR_FOLDER,
+    REAL_VS_GENERATED,
+    REPORT_FILE,
+    SAMPLE_EVALUATION,
+    SAMPLES_BY_POSITION,
+    SAMPLES_GRID,
+    evaluation_file,
+    reconstruction_grid,
+)
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -46,7 +57,7 @@ def write_report(run_dir: str | Path) -> Path:
             f"</title><style>{STYLE}</style></head><body><h1>brainvq report</h1>"
             f"<p>Run folder <code>{html.escape(str(run_dir.resolve()))}</code>, brainvq {__version__}.</p>"
             + "".join(sections) + "</body></html>")
-    path = run_dir / "report.html"
+    path = run_dir / REPORT_FILE
     atomic_write_bytes(path, page.encode())
     return path
 
@@ -103,11 +114,12 @@ def _settings(run_dir: Path) -> str:
 
 
 def _reconstruction(run_dir: Path) -> str:
-    results = _read_json(run_dir / "eval_test.json")
+    results = _read_json(run_dir / evaluation_file("test"))
     if results is None:
-        return _missing("test evaluation", f"brainvq evaluate {run_dir} --data DATA")
-    return _table(results) + _image_file(run_dir / "recon_test.png", "test slices (top) and their reconstructions "
-                                         "(bottom)", f"brainvq evaluate {run_dir} --data DATA")
+        return _missing("test evaluation", f"brainvq evaluate {run_dir}")
+    return _table(results) + _image_file(run_dir / reconstruction_grid("test"),
+                                         "test slices (top) and their reconstructions (bottom)",
+                                         f"brainvq evaluate {run_dir}")
 
 
 def _history(folder: Path) -> list[dict[str, Any]]:
@@ -155,7 +167,7 @@ def _codebook_usage(run_dir: Path) -> str:
 
 def _headline(run_dir: Path) -> str:
     """Each sample measure of eval_samples.json beside the same measure on real slices."""
-    results = _read_json(run_dir / "eval_samples.json")
+    results = _read_json(run_dir / SAMPLE_EVALUATION)
     if results is None or "c2st" not in results:  # absent, or written before the measures had real rows
         return _missing("sample evaluation with real rows", f"brainvq evaluate-samples {run_dir}")
     c2st = results["c2st"]
@@ -178,7 +190,7 @@ def _headline(run_dir: Path) -> str:
     ]
     body = "".join(f"<tr><td>{html.escape(name)}</td><td>{generated}</td><td>{real}</td></tr>"
                    for name, generated, real in rows)
-    reconstruction = _read_json(run_dir / "eval_test.json")
+    reconstruction = _read_json(run_dir / evaluation_file("test"))
     recon = (f"<p>Reconstruction of the test split: SSIM {reconstruction['ssim']:.3f}.</p>"
              if reconstruction and "ssim" in reconstruction else "")
     return (f"<table><tr><th>measure ({results['n_generated']} samples)</th><th>generated</th>"
@@ -190,12 +202,12 @@ def _headline(run_dir: Path) -> str:
 
 def _samples(run_dir: Path) -> str:
     command = f"brainvq evaluate-samples {run_dir}"
-    results = _read_json(run_dir / "eval_samples.json")
-    prior = _read_json(run_dir / PRIOR_FOLDER / "eval_prior.json")
-    parts = [_image_file(run_dir / "real_vs_generated_by_position.png", "each slice position 0..31 in order: a row "
+    results = _read_json(run_dir / SAMPLE_EVALUATION)
+    prior = _read_json(run_dir / PRIOR_FOLDER / PRIOR_EVALUATION)
+    parts = [_image_file(run_dir / REAL_VS_GENERATED, "each slice position 0..31 in order: a row "
                          "of real test slices above a row of generated slices of the same positions", command),
-             _image_file(run_dir / "samples_grid.png", "generated slices (random slice positions)", command),
-             _image_file(run_dir / "samples_by_position.png", "one generated slice per position 0..31 "
+             _image_file(run_dir / SAMPLES_GRID, "generated slices (random slice positions)", command),
+             _image_file(run_dir / SAMPLES_BY_POSITION, "one generated slice per position 0..31 "
                          "(left to right, top to bottom)", command)]
     parts.append(_table(prior) if prior else _missing("prior evaluation", f"brainvq train-prior {run_dir}"))
     parts.append(_table(results) if results else _missing("sample evaluation", command))

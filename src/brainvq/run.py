@@ -7,6 +7,12 @@
     RUN/eval_<split>.json, RUN/recon_<split>.png   written by `evaluate`
     RUN/codes/<split>.npy                code grids of each split (codes.py)
     RUN/prior/...                        the PixelCNN prior: the same layout with a PixelCNNConfig
+    RUN/prior/eval_prior.json            its validation and test NLL
+    RUN/eval_samples.json, samples_grid.png, samples_by_position.png, real_vs_generated_by_position.png
+                                         written by `evaluate-samples`
+    RUN/report.html                      written by `report`
+
+Every one of these names is defined here, once.
 """
 
 from __future__ import annotations
@@ -23,11 +29,32 @@ from brainvq.config import TrainConfig, VQVAEConfig, from_dict, load_json, save_
 from brainvq.errors import CheckpointError, ConfigError
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
-from brainvq.training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT
 
 CONFIG_FILE = "config.json"
-CONFIG_SECTIONS = {"brainvq_version", "model", "train"}
+METRICS_FILE = "metrics.jsonl"
+LAST_CHECKPOINT = "checkpoints/last.safetensors"
+BEST_CHECKPOINT = "checkpoints/best.safetensors"
+CHECKPOINTS = {"best": BEST_CHECKPOINT, "last": LAST_CHECKPOINT}
+CODES_FOLDER = "codes"
 PRIOR_FOLDER = "prior"
+PRIOR_EVALUATION = "eval_prior.json"
+SAMPLE_EVALUATION = "eval_samples.json"
+SAMPLES_GRID = "samples_grid.png"
+SAMPLES_BY_POSITION = "samples_by_position.png"
+REAL_VS_GENERATED = "real_vs_generated_by_position.png"
+REPORT_FILE = "report.html"
+CONFIG_SECTIONS = {"brainvq_version", "model", "train"}
+
+
+def evaluation_file(split: str) -> str:
+    """`evaluate`'s figures for a split."""
+    return f"eval_{split}.json"
+
+
+def reconstruction_grid(split: str) -> str:
+    """`evaluate`'s picture of a split: originals above reconstructions."""
+    return f"recon_{split}.png"
+
 
 # Fields that define the optimisation itself: a resumed run must keep them, or it is no longer the same run.
 RECIPE_FIELDS = ("batch_size", "lr", "warmup_steps", "weight_decay", "max_grad_norm", "precision", "seed")
@@ -72,8 +99,10 @@ def resumed_train_config(saved: TrainConfig, overrides: dict[str, Any], run_dir:
 
 def _load_model(run_dir: Path, model_class: type[nn.Module], config_class: type,
                 checkpoint: str) -> tuple[Any, dict[str, Any]]:
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, not {checkpoint!r}")
     model_config, _ = read_run_config(run_dir, config_class)
-    path = Path(run_dir) / (BEST_CHECKPOINT if checkpoint == "best" else LAST_CHECKPOINT)
+    path = Path(run_dir) / CHECKPOINTS[checkpoint]
     tensors, metadata = load_checkpoint(path)
     model = model_class(model_config)
     try:

@@ -16,11 +16,13 @@ import ctypes.util
 import os
 import platform
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from brainvq.config import DEVICE_NAMES, is_device_name
 from brainvq.errors import ConfigError
 
 # glibc mallopt() parameters (malloc.h)
@@ -29,18 +31,41 @@ _M_MMAP_MAX = -4
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is a ConfigError."""
+    """"auto" -> cuda when available, else cpu (never mps: ask for it by name); a device that is not there is a
+    ConfigError."""
+    if not is_device_name(name):
+        raise ConfigError(f"device must be {DEVICE_NAMES}, not {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but no CUDA GPU is available")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', not {name!r}")
-    if name == "cuda":
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name} was asked for but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name} was asked for but this machine has {torch.cuda.device_count()} "
+                              f"CUDA GPU(s), numbered from 0")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    return torch.device(name)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device mps was asked for but no Apple GPU (MPS) is available to torch here")
+    return device
+
+
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """CUDA matmuls and convolutions in full fp32 (no TF32) inside the block; the settings are restored after.
+
+    Why sampling uses it: fast and naive sampling add the same products in different orders, and with TF32's
+    10-bit mantissas the two samplers' logits differ enough to flip codes (one flipped code changes every code
+    after it). Measured on an H200 with a trained prior at 64x64 (benchmarks/RESULTS.md): TF32 on, 799 of
+    16,384 codes differed; TF32 off, none. No effect on a CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def native_cpu_bf16() -> bool:

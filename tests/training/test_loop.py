@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import subprocess
@@ -12,15 +13,9 @@ from brainvq.checkpoint import load_checkpoint
 from brainvq.config import TrainConfig, VQVAEConfig
 from brainvq.errors import TrainingError
 from brainvq.models.vqvae import VQVAE
+from brainvq.run import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE
 from brainvq.runtime import compile_enabled, prepare_module, seed_everything
-from brainvq.training.loop import (
-    BEST_CHECKPOINT,
-    LAST_CHECKPOINT,
-    MAX_BAD_STEPS,
-    METRICS_FILE,
-    forward_backward,
-    train,
-)
+from brainvq.training.loop import MAX_BAD_STEPS, forward_backward, train
 from brainvq.training.vqvae import VQVAETask
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,11 +35,12 @@ def blob_images(count: int, size: int = 32, seed: int = 0) -> TensorDataset:
     return TensorDataset(images.unsqueeze(1), torch.arange(count) % 32)
 
 
-def run(run_dir, epochs, *, resume=False, precision="bf16", train_set=None, progress=False, **options):
+def run(run_dir, epochs, *, resume=False, precision="bf16", train_set=None, progress=False, model_config=SMALL,
+        **options):
     config = TrainConfig(epochs=epochs, batch_size=4, lr=2e-3, warmup_steps=3, precision=precision,
-                         max_minutes=None, seed=7, **options)
+                         **({"max_minutes": None, "seed": 7} | options))
     seed_everything(config.seed)
-    model = prepare_module(VQVAE(SMALL), torch.device("cpu"), precision)
+    model = prepare_module(VQVAE(model_config), torch.device("cpu"), precision)
     task = VQVAETask(model, blob_images(8, seed=1), precision=precision, val_images=8)
     train_set = blob_images(24) if train_set is None else train_set
     return train(task, train_set, run_dir, config, torch.device("cpu"), resume=resume, progress=progress)
@@ -123,6 +119,26 @@ def test_a_non_finite_step_is_skipped_undone_and_logged_and_training_goes_on(tmp
     tensors, _ = load_checkpoint(tmp_path / LAST_CHECKPOINT)
     assert all(torch.isfinite(tensor).all() for tensor in tensors.values() if tensor.is_floating_point())
     assert history[-1]["val"]["ssim"] > 0
+
+
+def test_a_skipped_step_undoes_a_dead_code_restart_of_a_codebook_learnt_by_gradients(tmp_path):
+    # --no-ema: the codebook is a parameter, and a restart in the NaN batch's forward pass copies NaN encoder
+    # outputs into it. Restoring buffers alone would leave them there and make every later step NaN too.
+    config = dataclasses.replace(SMALL, ema=False, restart_after_steps=1)  # a restart on every step
+    history = run(tmp_path, 2, train_set=with_nan_images(blob_images(24), [5]), model_config=config)
+    assert [record["skipped_steps"] for record in history] == [1, 1]
+    tensors, _ = load_checkpoint(tmp_path / LAST_CHECKPOINT)
+    assert torch.isfinite(tensors["model.quantizer.codebook"]).all()
+
+
+def test_training_says_what_will_stop_it_and_when_there_is_nothing_left_to_do(tmp_path, capsys):
+    run(tmp_path, 1, max_minutes=30.0)
+    announced = capsys.readouterr().err
+    assert "training epochs 1..1, at most 30 minutes of training in all" in announced
+    assert "--max-minutes 0 lifts the limit" in announced
+    history = run(tmp_path, 1, resume=True)
+    assert len(history) == 1
+    assert "nothing to train: the run has done 1 epochs and --epochs is 1" in capsys.readouterr().err
 
 
 def test_repeated_non_finite_losses_stop_the_run_and_leave_the_last_checkpoint_intact(tmp_path):

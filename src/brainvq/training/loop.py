@@ -51,11 +51,9 @@ from brainvq.checkpoint import (
 from brainvq.config import TrainConfig
 from brainvq.distributed import any_process, barrier, is_main, rank, world_size
 from brainvq.errors import CheckpointError, ConfigError, TrainingError
+from brainvq.run import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE
 from brainvq.runtime import autocast, compile_enabled, reuse_freed_memory, seed_everything
 
-LAST_CHECKPOINT = "checkpoints/last.safetensors"
-BEST_CHECKPOINT = "checkpoints/best.safetensors"
-METRICS_FILE = "metrics.jsonl"
 MAX_BAD_STEPS = 10  # non-finite losses in a row that stop a run: by then it is the recipe, not a fluke
 
 
@@ -115,6 +113,8 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
     budget = math.inf if config.max_minutes is None else config.max_minutes * 60
     validation_seconds = 0.0
     bad_steps_in_a_row = 0
+    if main:
+        _announce_limits(config, first_epoch, seconds_so_far)
 
     for epoch in range(first_epoch, config.epochs + 1):
         seed_everything(epoch_seed(config.seed, epoch))
@@ -135,14 +135,13 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
                 stop_reason = "max_minutes"
                 break
             _set_learning_rate(optimizer, config, step)
-            buffers = [buffer.detach().clone() for buffer in task.model.buffers()]
+            before = _model_state(task.model)
             terms, gradient_norm = forward_backward(task, batch, optimizer, config)
             finite = math.isfinite(float(terms["loss"].detach())) and math.isfinite(gradient_norm)
             if _in_any_process(not finite, device):
-                # Skipping must also undo what the forward pass changed in buffers (e.g. an EMA codebook).
-                with torch.no_grad():
-                    for buffer, saved in zip(task.model.buffers(), buffers, strict=True):
-                        buffer.copy_(saved)
+                # Skipping must also undo what the forward pass changed: the EMA codebook's buffers, and a
+                # dead-code restart, which writes the codebook itself (a parameter under --no-ema).
+                _restore_model_state(task.model, before)
                 bad_steps_in_a_row += 1
                 skipped_steps += 1
                 _skip_non_finite_step(bad_steps_in_a_row, epoch, step, run_dir)
@@ -190,6 +189,38 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
             break
     task.network = task.model
     return history
+
+
+def _announce_limits(config: TrainConfig, first_epoch: int, seconds_so_far: float) -> None:
+    """Say on stderr, before the first step, what will stop this training, and how to lift it; and say so when
+    there is nothing left to do (a resumed run that has done its epochs or spent its minutes)."""
+    if first_epoch > config.epochs:
+        print(f"brainvq: nothing to train: the run has done {first_epoch - 1} epochs and --epochs is {config.epochs}; "
+              f"pass a larger --epochs to continue it", file=sys.stderr)
+        return
+    limits = [f"epochs {first_epoch}..{config.epochs}"]
+    if config.max_steps is not None:
+        limits.append(f"at most {config.max_steps} steps in all")
+    if config.max_minutes is not None:
+        left = config.max_minutes - seconds_so_far / 60
+        if left <= 0:
+            print(f"brainvq: nothing to train: the run has spent its {config.max_minutes:g}-minute budget; pass a "
+                  f"larger --max-minutes, or --max-minutes 0 for no time limit", file=sys.stderr)
+            return
+        limits.append(f"at most {config.max_minutes:g} minutes of training in all ({left:.1f} left; "
+                      f"--max-minutes 0 lifts the limit)")
+    print(f"brainvq: training {', '.join(limits)}", file=sys.stderr)
+
+
+def _model_state(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of every parameter and buffer: what a forward pass may change in place."""
+    return [tensor.detach().clone() for tensor in (*model.parameters(), *model.buffers())]
+
+
+def _restore_model_state(model: nn.Module, state: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for tensor, saved in zip((*model.parameters(), *model.buffers()), state, strict=True):
+            tensor.copy_(saved)
 
 
 def epoch_loader(train_set: Dataset, config: TrainConfig, epoch: int, device: torch.device) -> DataLoader:
