@@ -11,6 +11,8 @@ The rules that make K processes train the same model one process would:
   learning rate and the recipe stay the same whatever K is (raise the batch size yourself to use more devices).
 - Every process draws the same permutation of the training set per epoch; process r takes its share of it
   (DistributedSampler), and DDP averages the gradients, as one process would over the whole global batch.
+- What needs the batch's vectors themselves, not only their sums (the quantizer's dead-code restarts), gathers
+  the global batch (`global_batch`) and draws from it with the generator state that every process shares.
 - Only rank 0 validates, writes files and shows progress; the others wait for it at the end of each epoch.
 Outside torchrun every helper here is a no-op for a single process.
 """
@@ -52,6 +54,21 @@ def any_process(flags: torch.Tensor) -> torch.Tensor:
         flags = flags.clone()
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags
+
+
+def global_batch(share: torch.Tensor) -> torch.Tensor:
+    """This process's share [b, ...] of a global batch -> the global batch [b * processes, ...], in the order one
+    process holds it (the share itself when alone).
+
+    epoch_loader's DistributedSampler deals the images round-robin (image i of a global batch to process
+    i % processes), so the gathered shares are interleaved back: image j of process r is image j * processes + r."""
+    processes = world_size()
+    if processes == 1:
+        return share
+    share = share.contiguous()  # all_gather sends and receives dense tensors
+    shares = [torch.empty_like(share) for _ in range(processes)]
+    dist.all_gather(shares, share)
+    return torch.stack(shares, 1).flatten(0, 1)
 
 
 @contextlib.contextmanager

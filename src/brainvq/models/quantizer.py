@@ -14,7 +14,8 @@ randomly chosen encoder output of the current batch, so it starts competing agai
 
 Under data-parallel training (torchrun) the codebook must stay identical in every process: the per-batch code
 counts and vector sums are summed over processes before the EMA update, so it sees the global batch as one
-process would, and restarted codes are taken from rank 0's batch and broadcast.
+process would, and restarted codes are drawn from the global batch, gathered from all processes in one process's
+order, with the same random draw in every process.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from brainvq.distributed import world_size
+from brainvq.distributed import global_batch, world_size
 
 
 @dataclass
@@ -60,10 +61,11 @@ class VectorQuantizer(nn.Module):
         """z: [B, D, G, G] (any float dtype) -> QuantizerOutput; the arithmetic runs in float32."""
         with torch.autocast(z.device.type, enabled=False):
             z = z.float()
-            flat = z.permute(0, 2, 3, 1).reshape(-1, self.code_dim)  # [B*G*G, D]
+            vectors = z.permute(0, 2, 3, 1).contiguous()  # [B, G, G, D]; contiguous, so that reshapes are views
+            flat = vectors.view(-1, self.code_dim)  # [B*G*G, D]
             indices = self.nearest_codes(flat)
             if self.training:
-                self._learn(flat.detach(), indices)
+                self._learn(vectors.detach(), indices)
             codes = self.codebook[indices]  # [B*G*G, D]
             quantized = codes.view(z.shape[0], z.shape[2], z.shape[3], self.code_dim).permute(0, 3, 1, 2)
             codebook_loss = F.mse_loss(quantized, z.detach())
@@ -83,7 +85,10 @@ class VectorQuantizer(nn.Module):
         return self.codebook[indices].permute(0, 3, 1, 2)
 
     @torch.no_grad()
-    def _learn(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+    def _learn(self, vectors: torch.Tensor, indices: torch.Tensor) -> None:
+        """One training step's codebook update. vectors: [B, G, G, D] float32, this process's encoder outputs;
+        indices: [B*G*G] their nearest codes."""
+        flat = vectors.reshape(-1, self.code_dim)  # [B*G*G, D]
         counts = torch.bincount(indices, minlength=self.codebook_size).to(flat.dtype)
         if world_size() > 1:
             dist.all_reduce(counts)
@@ -99,15 +104,19 @@ class VectorQuantizer(nn.Module):
             self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         if self.restart_after_steps > 0:
-            self._restart_dead_codes(flat)
+            self._restart_dead_codes(vectors)
 
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+    def _restart_dead_codes(self, vectors: torch.Tensor) -> None:
+        """Move each code unused for `restart_after_steps` steps onto an encoder output drawn at random from the
+        global batch. vectors: [B, G, G, D], this process's share of that batch."""
+        # steps_unused follows the summed counts, so every process finds the same dead codes and gathers together.
         dead = (self.steps_unused >= self.restart_after_steps).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
-        replacements = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
-        if world_size() > 1:
-            dist.broadcast(replacements, src=0)
+        # Every process holds the global batch in one process's order and draws with the same generator state
+        # (seeded alike at each epoch), so each picks the vectors one process would, with no broadcast.
+        candidates = global_batch(vectors).reshape(-1, self.code_dim)  # [B_global*G*G, D]
+        replacements = candidates[torch.randint(0, candidates.shape[0], (dead.numel(),), device=candidates.device)]
         codebook = self.codebook.data if isinstance(self.codebook, nn.Parameter) else self.codebook
         codebook[dead] = replacements
         if self.ema:
