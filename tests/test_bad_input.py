@@ -55,6 +55,9 @@ Volumes (``data from-volumes``):
   test_from_volumes_refuses_a_bad_volume_and_leaves_nothing (through the CLI) and
   test_from_volumes_in_a_subprocess_prints_one_line_and_no_traceback
 - a header claiming an absurd number of voxels: test_a_volume_claiming_huge_dimensions_is_refused_unread
+- a slice count or axial range out of bounds (--slices 0, --axial-range 0.9 0.1):
+  tests/data/test_volumes.py::test_volumes_to_layout_refuses_bad_slicing_options, and here
+  test_from_volumes_refuses_bad_slicing_options_before_reading
 - a path with spaces and non-ASCII characters:
   tests/test_cli.py::test_data_from_volumes_writes_the_oasis_layout_and_check_accepts_it
 
@@ -332,6 +335,16 @@ def test_from_volumes_in_a_subprocess_prints_one_line_and_no_traceback(tmp_path:
     assert (result.returncode, result.stdout) == (1, "")
     check_error_output(result.stderr, f"{source / 'sub-9.nii.gz'}: volume contains NaN or infinite values")
     assert not (tmp_path / "slices").exists()
+
+
+@pytest.mark.parametrize(("option", "problem"), [(["--slices", "0"], "the number of slices must be"),
+                                               (["--axial-range", "0.9", "0.1"], "the axial range must be")])
+def test_from_volumes_refuses_bad_slicing_options_before_reading(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 option: list[str], problem: str) -> None:
+    source = volume_folder(tmp_path / "scans", with_nan(head()))  # a bad volume, never read
+    assert main(["data", "from-volumes", str(source), "--out", str(tmp_path / "slices"), *option]) == 1
+    error_line(capsys, problem)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["scans"]
 
 
 def test_a_volume_claiming_huge_dimensions_is_refused_unread(tmp_path: Path, capsys: pytest.CaptureFixture[str]

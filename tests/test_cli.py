@@ -161,6 +161,22 @@ def test_data_from_volumes_writes_the_oasis_layout_and_check_accepts_it(tmp_path
     assert (out / "cases.tsv").exists()
 
 
+def test_data_from_volumes_takes_the_number_of_slices_and_their_range(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, n) for n in (30, 34, 28)), indexing="ij"))
+    source = tmp_path / "sub-1.nii.gz"
+    nib.save(nib.Nifti1Image(((grid**2).sum(0) < 0.7) * (100 + 40 * grid[2]), np.eye(4)), source)
+    out = tmp_path / "slices"
+    assert main(["data", "from-volumes", str(source), "--out", str(out), "--slices", "5",
+                 "--axial-range", "0.3", "0.7"]) == 0
+    assert json.loads(capsys.readouterr().out)["slices"]["train"] == 5
+    assert len(list((out / "keras_png_slices_train").iterdir())) == 5
+    geometry = json.loads((out / "volumes.json").read_text())
+    assert (geometry["n_slices"], geometry["axial_range"]) == (5, [0.3, 0.7])
+
+
 def test_evaluate_samples_reads_the_fid_weights_before_sampling(tmp_path, capsys):
     weights = tmp_path / "fid.safetensors"
     weights.write_bytes(b"not safetensors")

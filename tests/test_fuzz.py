@@ -41,7 +41,7 @@ from brainvq.config import TrainConfig, VQVAEConfig
 from brainvq.data.check import check_data
 from brainvq.data.dataset import load_split
 from brainvq.data.layout import split_folder
-from brainvq.data.volumes import load_volume, volume_to_slices
+from brainvq.data.volumes import load_volume, slice_volume
 from brainvq.errors import BrainVQError
 from brainvq.images import load_png
 from brainvq.models.vqvae import VQVAE
@@ -221,7 +221,7 @@ def test_load_volume_survives_mutated_nifti(scratch: Path, volume_bytes: bytes, 
     compressed = data.draw(st.booleans())
     path = scratch / ("mutated.nii.gz" if compressed else "mutated.nii")
     path.write_bytes(gzip.compress(content, mtime=0) if compressed else content)
-    survives(lambda: volume_to_slices(load_volume(path)))
+    survives(lambda: slice_volume(load_volume(path)))
 
 
 # --- run config ---------------------------------------------------------------------------------------------

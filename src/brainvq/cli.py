@@ -94,10 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=seed, default=0, help="same seed, same bytes (default 0)")
     demo.set_defaults(handler=run_data_demo)
 
+    # Imported here for the defaults shown in the help; brainvq.data.volumes would load nibabel and scipy.
+    from brainvq.data.layout import AXIAL_RANGE, SLICES_PER_CASE
+
     volumes = data_commands.add_parser("from-volumes", help="slice NIfTI/Analyze volumes into the OASIS layout")
-    volumes.add_argument("source", type=Path, help="a volume file or a folder searched for .nii/.nii.gz/.hdr")
+    volumes.add_argument("source", type=Path, help="a volume file or a folder searched for .nii/.nii.gz/.hdr; "
+                                                   "a BIDS folder gives its sub-*/[ses-*/]anat/*T1w images")
     volumes.add_argument("--out", type=Path, required=True, help="new folder to write")
     volumes.add_argument("--seed", type=seed, default=0, help="seed of the subject -> split assignment")
+    volumes.add_argument("--slices", type=int, default=SLICES_PER_CASE, metavar="N",
+                         help="axial slices per volume (default %(default)s, the OASIS layout's count)")
+    volumes.add_argument("--axial-range", type=number, nargs=2, default=AXIAL_RANGE, metavar=("LOW", "HIGH"),
+                         help="part of the foreground's inferior-superior extent the slices span, as fractions "
+                              f"from its bottom (default {AXIAL_RANGE[0]} {AXIAL_RANGE[1]})")
     volumes.set_defaults(handler=run_data_from_volumes)
 
     check = data_commands.add_parser("check", help="check a data folder: counts, splits, sizes, modes")
@@ -223,8 +232,9 @@ def run_data_demo(args: argparse.Namespace) -> None:
 def run_data_from_volumes(args: argparse.Namespace) -> None:
     from brainvq.data.volumes import volumes_to_layout
 
-    print(json.dumps(volumes_to_layout(args.source, args.out, seed=args.seed, progress=True), indent=2,
-                     default=str))
+    summary = volumes_to_layout(args.source, args.out, n_slices=args.slices, axial_range=tuple(args.axial_range),
+                                seed=args.seed, progress=True)
+    print(json.dumps(summary, indent=2, default=str))
 
 
 MAX_PROBLEM_LINES = 200  # a wrong --manifest can give thousands; the first ones tell the story

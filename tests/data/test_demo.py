@@ -9,7 +9,7 @@ from PIL import Image
 from brainvq.data import demo
 from brainvq.data.demo import make_demo_cohort, template_folder
 from brainvq.data.layout import SLICES_PER_CASE, SPLITS, list_slices, slice_file_name, split_folder
-from brainvq.data.volumes import load_volume, volume_to_slices
+from brainvq.data.volumes import load_volume, slice_volume
 from brainvq.errors import ConfigError, DataError
 
 
@@ -64,7 +64,7 @@ def test_cases_differ_from_each_other(cohort: tuple[Path, dict]) -> None:
 def test_an_unperturbed_subject_is_the_template_sliced_like_a_volume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Without its random affine, contrast and noise, a demo case must match volume_to_slices on the template
+    # Without its random affine, contrast and noise, a demo case must match slice_volume on the template
     # (tested on its own to frame the brain with the nose up), and must not match it upside down.
     identity = demo._Subject(
         inverse_affine=np.eye(3), shift=np.zeros(3), tissue_shifts=(0, 0, 0), gamma=1, noise=0, robust_max=255
@@ -72,7 +72,7 @@ def test_an_unperturbed_subject_is_the_template_sliced_like_a_volume(
     monkeypatch.setattr(demo, "_draw_subject", lambda rng: identity)
     make_demo_cohort(tmp_path / "cohort", train_cases=1, val_cases=1, test_cases=1)
     synthetic = read_case(tmp_path / "cohort", "train", 1).astype(float)
-    sliced = volume_to_slices(load_volume(template_folder() / demo._TEMPLATE_FILES["t1"])).astype(float)
+    sliced = slice_volume(load_volume(template_folder() / demo._TEMPLATE_FILES["t1"])).images.astype(float)
     upright = correlation(synthetic, sliced)
     assert upright > 0.9
     assert correlation(synthetic, sliced[:, ::-1]) < upright - 0.05

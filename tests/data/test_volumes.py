@@ -1,22 +1,27 @@
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
+from scipy import ndimage
 
-from brainvq.data.layout import SLICES_PER_CASE, SPLITS, list_slices, split_folder
+from brainvq.data.layout import SLICES_PER_CASE, SPLITS, list_slices, slice_file_name, split_folder
 from brainvq.data.volumes import (
     FRAME_FILL,
+    GEOMETRY_FILE,
+    MAX_SLICES,
     Volume,
     find_volumes,
     load_volume,
-    volume_to_slices,
+    slice_volume,
     volumes_to_layout,
 )
-from brainvq.errors import DataError
+from brainvq.errors import ConfigError, DataError
 
 ZOOMS = (1.2, 1.0, 1.0)
 SHAPE = (60, 70, 50)
@@ -89,8 +94,8 @@ def test_load_volume_names_files_that_are_not_volumes(tmp_path: Path, volume_fil
             load_volume(path)
 
 
-def test_volume_to_slices_frames_the_head_keeping_its_aspect_ratio() -> None:
-    slices = volume_to_slices(Volume(phantom(), ZOOMS))
+def test_slice_volume_frames_the_head_keeping_its_aspect_ratio() -> None:
+    slices = slice_volume(Volume(phantom(), ZOOMS)).images
     assert slices.shape == (SLICES_PER_CASE, 256, 256)
     assert slices.dtype == np.uint8
     rows, columns = np.nonzero(slices[SLICES_PER_CASE // 2])
@@ -101,31 +106,31 @@ def test_volume_to_slices_frames_the_head_keeping_its_aspect_ratio() -> None:
     assert slices[:, 0, :].max() == slices[:, :, 0].max() == 0
 
 
-def test_volume_to_slices_shows_a_radiological_view_from_bottom_to_top() -> None:
-    slices = volume_to_slices(Volume(phantom(), ZOOMS))
+def test_slice_volume_shows_a_radiological_view_from_bottom_to_top() -> None:
+    slices = slice_volume(Volume(phantom(), ZOOMS)).images
     middle = slices[SLICES_PER_CASE // 2]
     assert foreground_mean(middle[:128]) > foreground_mean(middle[128:])  # anterior is up
     assert foreground_mean(middle[:, :128]) > foreground_mean(middle[:, 128:])  # the subject's right is left
     assert foreground_mean(slices[-1]) > foreground_mean(slices[0])  # slice 0 is the lowest
 
 
-def test_volume_to_slices_spans_the_middle_of_the_head() -> None:
-    slices = volume_to_slices(Volume(phantom(), ZOOMS))
+def test_slice_volume_spans_the_middle_of_the_head() -> None:
+    slices = slice_volume(Volume(phantom(), ZOOMS)).images
     areas = np.count_nonzero(slices, axis=(1, 2))
     assert areas.min() > 0  # no slice falls outside the head
     assert areas[0] < areas[SLICES_PER_CASE // 2] and areas[-1] < areas[SLICES_PER_CASE // 2]
 
 
-def test_volume_to_slices_shows_a_binary_mask_as_white_on_black() -> None:
-    middle = volume_to_slices(Volume((phantom() > 0).astype(np.float32), ZOOMS))[SLICES_PER_CASE // 2]
+def test_slice_volume_shows_a_binary_mask_as_white_on_black() -> None:
+    middle = slice_volume(Volume((phantom() > 0).astype(np.float32), ZOOMS)).images[SLICES_PER_CASE // 2]
     assert (middle[128, 128], middle[0, 0]) == (255, 0)
 
 
-def test_volume_to_slices_rejects_a_volume_without_foreground() -> None:
+def test_slice_volume_rejects_a_volume_without_foreground() -> None:
     data = np.zeros(SHAPE, dtype=np.float32)
     data[1, 1, 1] = 1  # skipped by the strided extent measurement
     with pytest.raises(DataError, match="too little foreground"):
-        volume_to_slices(Volume(data, ZOOMS))
+        slice_volume(Volume(data, ZOOMS))
 
 
 def test_find_volumes_counts_an_analyze_pair_once(tmp_path: Path) -> None:
@@ -151,10 +156,12 @@ def test_volumes_to_layout_writes_one_case_per_volume(tmp_path: Path) -> None:
     out_dir = tmp_path / "slices"
     summary = volumes_to_layout(src, out_dir)
     assert summary["cases"] == {"train": 1, "validate": 1, "test": 1}
+    assert summary["subjects"] == summary["cases"]
     rows = [line.split("\t") for line in (out_dir / "cases.tsv").read_text().splitlines()[1:]]
     assert [row[0] for row in rows] == ["001", "002", "003"]
     assert [Path(row[1]).name for row in rows] == ["s1.nii.gz", "s2.nii.gz", "s3.nii.gz"]
-    for case, _, split in rows:
+    assert [row[3] for row in rows] == ["s1", "s2", "s3"]  # each volume its own subject
+    for case, _, split, _ in rows:
         names = [path.name for path in list_slices(split_folder(out_dir, split))]
         assert names == [f"case_{case}_slice_{index}.nii.png" for index in range(SLICES_PER_CASE)]
     assert sorted(row[2] for row in rows) == sorted(SPLITS)
@@ -173,3 +180,88 @@ def test_volumes_to_layout_writes_nothing_if_a_volume_is_bad(tmp_path: Path) -> 
 def test_volumes_to_layout_needs_volumes(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no NIfTI or Analyze volumes"):
         volumes_to_layout(tmp_path, tmp_path / "slices")
+
+
+def test_slice_volume_spreads_the_slices_over_the_range_asked_for() -> None:
+    volume = Volume(phantom(), ZOOMS)
+    # The phantom's foreground runs from z = 3 to 47 mm (centre 25, semi-axis 22, 1 mm voxels along z).
+    for n_slices, axial_range, (bottom, top) in ((3, (0.0, 1.0), (3, 47)), (2, (0.5, 0.75), (25, 36))):
+        sliced = slice_volume(volume, n_slices, axial_range=axial_range)
+        assert sliced.images.shape == (n_slices, 256, 256)
+        heights = [(sliced.to_mm @ [128, 128, index, 1])[2] for index in (0, n_slices - 1)]
+        assert heights == pytest.approx([bottom, top], abs=1.5)
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"n_slices": 0}, f"the number of slices must be a whole number from 1 to {MAX_SLICES}, got 0"),
+        ({"n_slices": MAX_SLICES + 1}, f"got {MAX_SLICES + 1}"),
+        ({"n_slices": 2.5}, "the number of slices must be a whole number"),
+        ({"n_slices": True}, "the number of slices must be a whole number"),
+        ({"axial_range": (0.6, 0.6)}, "the axial range must be two fractions LOW HIGH"),
+        ({"axial_range": (0.9, 0.1)}, "0 <= LOW < HIGH <= 1, got (0.9, 0.1)"),
+        ({"axial_range": (-0.1, 0.5)}, "the axial range must be"),
+        ({"axial_range": (0.2, 1.5)}, "the axial range must be"),
+        ({"axial_range": (float("nan"), 0.5)}, "the axial range must be"),
+        ({"axial_range": (0.5,)}, "the axial range must be"),
+    ],
+)
+def test_volumes_to_layout_refuses_bad_slicing_options(tmp_path: Path, options: dict, problem: str) -> None:
+    source = save(tmp_path / "s1.nii", phantom())
+    with pytest.raises(ConfigError, match=re.escape(problem)) as error:
+        volumes_to_layout(source, tmp_path / "slices", **options)
+    assert "\n" not in str(error.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s1.nii"]
+
+
+def test_volumes_to_layout_keeps_the_sessions_of_a_bids_subject_in_one_split(tmp_path: Path) -> None:
+    src = tmp_path / "bids"
+    sessions = {"01": ("ses-1", "ses-2"), "02": ("ses-a", "ses-b"), "03": ("ses-1",), "04": ("",)}  # "": none
+    t1w = []
+    for subject, labels in sessions.items():
+        for label in labels:
+            anat = src / f"sub-{subject}" / label / "anat"
+            anat.mkdir(parents=True)
+            t1w.append(save(anat / "_".join(filter(None, (f"sub-{subject}", label, "T1w.nii.gz"))), phantom()))
+    # Not T1-weighted, or not raw data: left out.
+    save(src / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T2w.nii.gz", phantom())
+    (src / "derivatives" / "sub-01" / "anat").mkdir(parents=True)
+    save(src / "derivatives" / "sub-01" / "anat" / "sub-01_desc-brain_T1w.nii.gz", phantom())
+    out_dir = tmp_path / "slices"
+    summary = volumes_to_layout(src, out_dir)
+    rows = [line.split("\t") for line in (out_dir / "cases.tsv").read_text().splitlines()[1:]]
+    assert [Path(row[1]) for row in rows] == [path.resolve() for path in t1w]
+    assert [row[3] for row in rows] == [f"sub-{subject}" for subject, labels in sessions.items() for _ in labels]
+    assert len({(subject, split) for _, _, split, subject in rows}) == len(sessions)  # one split per subject
+    assert summary["subjects"] == {"train": 2, "validate": 1, "test": 1}
+    assert sum(summary["cases"].values()) == len(t1w)
+
+
+def test_volumes_to_layout_records_where_each_slice_pixel_lies_in_its_volume(tmp_path: Path) -> None:
+    # Stored posterior-to-anterior first, then left-to-right, and shifted: the file's voxel order is not the RAS+
+    # order the slices are cut in, so the recorded map must undo the reorientation.
+    data = phantom().transpose(1, 0, 2)[::-1].copy()
+    affine = np.array([[0, 1.2, 0, -36], [-1.0, 0, 0, 35], [0, 0, 1.0, -25], [0, 0, 0, 1]])
+    src = tmp_path / "scans"
+    src.mkdir()
+    path = src / "subject.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    out_dir = tmp_path / "slices"
+    volumes_to_layout(src, out_dir)
+    geometry = json.loads((out_dir / GEOMETRY_FILE).read_text())
+    assert (geometry["n_slices"], geometry["axial_range"]) == (SLICES_PER_CASE, [0.25, 0.85])
+    (case,) = geometry["cases"]
+    assert (case["case"], case["source"], case["subject"]) == ("001", str(path.resolve()), "subject")
+    np.testing.assert_allclose(case["affine"], affine)
+    pixel_to_voxel = np.array(case["pixel_to_voxel"])
+    np.testing.assert_allclose(case["pixel_to_world"], affine @ pixel_to_voxel)
+    black, white = case["intensity"]
+    for slice_index in (0, SLICES_PER_CASE // 2, SLICES_PER_CASE - 1):
+        image = np.asarray(Image.open(split_folder(out_dir, case["split"]) / slice_file_name(1, slice_index)))
+        rows, columns = np.nonzero((image > 0) & (image < 255))  # inside the head, not clipped by the 8-bit scale
+        assert rows.size > 1000
+        pixels = np.stack([rows, columns, np.full_like(rows, slice_index), np.ones_like(rows)])
+        values = ndimage.map_coordinates(data, (pixel_to_voxel @ pixels)[:3], order=1)  # the file's own array
+        expected = (values - black) * 255 / (white - black)
+        assert np.abs(expected - image[rows, columns]).max() < 0.51  # 8-bit rounding only

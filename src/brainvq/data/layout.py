@@ -34,6 +34,9 @@ from brainvq.errors import ConfigError, DataError
 SPLITS = ("train", "validate", "test")
 IMAGE_SIZE = 256
 SLICES_PER_CASE = 32
+# Part of the foreground's inferior-superior extent that slices cut from a volume span, as fractions from its
+# bottom: the middle, where OASIS's slices lie, skipping the extreme bottom and top where there is almost no brain.
+AXIAL_RANGE = (0.25, 0.85)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 
 # (slices, cases) of each split of the full public OASIS keras_png_slices set.
