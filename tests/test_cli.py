@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,3 +187,25 @@ def test_evaluate_samples_reads_the_fid_weights_before_sampling(tmp_path, capsys
     assert error.startswith(f"brainvq: error: {weights}: not a valid safetensors") and error.count("\n") == 1
     with pytest.raises(CheckpointError, match=r"absent\.safetensors: checkpoint file does not exist"):
         api.evaluate_samples(tmp_path / "no_run", fid_weights=tmp_path / "absent.safetensors")
+
+
+def test_a_folder_with_48_slice_positions_per_case_trains_and_samples_end_to_end(tiny_cohort, tmp_path, capsys):
+    """The number of slice positions comes from the data (largest slice index + 1) and is recorded in the
+    prior's config: nothing assumes OASIS's 32."""
+    data = tmp_path / "data48"
+    for split_folder in tiny_cohort.iterdir():
+        (data / split_folder.name).mkdir(parents=True)
+        for image in split_folder.iterdir():
+            shutil.copy(image, data / split_folder.name / image.name)
+            case, index = image.name.split("_slice_")
+            if 16 <= int(index.split(".")[0]) < 32:  # slices 32..47: copies of 16..31
+                shutil.copy(image, data / split_folder.name / f"{case}_slice_{int(index.split('.')[0]) + 16}.nii.png")
+    assert main(["data", "check", str(data)]) == 0
+    run = tmp_path / "run"
+    assert main(["train-vqvae", "--data", str(data), "--out", str(run), "--max-steps", "1", "--downsample", "8",
+                 *TRAIN_FAST]) == 0
+    assert main(["train-prior", str(run), "--max-steps", "1", "--channels", "8", "--layers", "2", *TRAIN_FAST]) == 0
+    assert json.loads((run / "prior" / "config.json").read_text())["model"]["positions"] == 48
+    assert main(["sample", str(run), "--n", "1", "--slice", "47", "--out", str(tmp_path / "samples")]) == 0
+    assert main(["sample", str(run), "--n", "1", "--slice", "48", "--out", str(tmp_path / "none")]) == 1
+    assert "slice position must be in 0..47, not 48" in capsys.readouterr().err

@@ -145,12 +145,14 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
     prior_dir = run_dir / PRIOR_FOLDER
     vqvae_config, _ = read_run_config(run_dir)
     data_dir = _data_dir(run_dir, data_dir)
-    prior_config = prior_config or PixelCNNConfig(codebook_size=vqvae_config.codebook_size,
-                                                  grid_size=vqvae_config.grid_size)
+    prior_config = prior_config or default_prior_config(run_dir, data_dir)
     prior_config, train_config = _run_settings(prior_dir, PixelCNNConfig, prior_config, train_config, resume=resume,
                                                overrides=resume_overrides, data_dir=data_dir)
     if problem := prior_vqvae_mismatch(prior_config, vqvae_config):
         raise ConfigError(f"prior {problem}", run_dir / CONFIG_FILE)
+    if (positions := slice_positions(data_dir)) > prior_config.positions:
+        raise ConfigError(f"the training slices have {positions} slice positions but the prior has "
+                          f"{prior_config.positions}", data_dir)
     with process_group(train_config.device) as device:
         # Rank 0 encodes and caches the code grids; the others then read its cache.
         grids = _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision) if is_main() else None
@@ -175,6 +177,20 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
     }
     save_json(prior_dir / PRIOR_EVALUATION, results)
     return results
+
+
+def slice_positions(data_dir: str | Path) -> int:
+    """The number of slice positions in a data folder: its training split's largest slice index + 1 (OASIS: 32)."""
+    return int(load_split(data_dir, "train").slice_indices.max()) + 1
+
+
+def default_prior_config(run_dir: str | Path, data_dir: str | Path | None = None, **options: Any) -> PixelCNNConfig:
+    """The prior a run gets unless told otherwise: the codebook and grid of its VQ-VAE, one slice position per
+    slice index of the training data (`data_dir`, default the run's), and `options` (other PixelCNNConfig
+    fields) over PixelCNNConfig's defaults."""
+    vqvae_config, _ = read_run_config(Path(run_dir))
+    return PixelCNNConfig(codebook_size=vqvae_config.codebook_size, grid_size=vqvae_config.grid_size,
+                          positions=slice_positions(_data_dir(Path(run_dir), data_dir)), **options)
 
 
 def _run_settings(folder: Path, model_class: type, model_config: Any, train_config: TrainConfig | None, *,
@@ -212,7 +228,7 @@ def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float =
     """Sample `n` code grids from the run's prior and decode them with its VQ-VAE.
 
     Slice positions: `slice_position` for every sample, one per sample when a list, or drawn uniformly from
-    0..31 when None.
+    the prior's positions (0..31 for OASIS) when None.
     Returns (images float32 [n, 1, S, S] in [0, 1] on the CPU, positions [n], seconds taken)."""
     samplers = {"fast": sample_fast, "naive": sample_naive}
     if method not in samplers:

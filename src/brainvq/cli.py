@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from brainvq import __version__
-from brainvq.config import DEVICE_NAMES, MAX_SEED, is_device_name
+from brainvq.config import DEVICE_NAMES, MAX_SEED, PixelCNNConfig, TrainConfig, VQVAEConfig, is_device_name
 from brainvq.errors import BrainVQError
 
 
@@ -70,6 +70,8 @@ def device_name(text: str) -> str:
 
 
 DEVICE_HELP = f"{DEVICE_NAMES}; default auto: cuda when present, else cpu"
+# The defaults that help texts show are read from the config dataclasses, where they live.
+TRAIN_DEFAULTS, VQVAE_DEFAULTS, PRIOR_DEFAULTS = TrainConfig(), VQVAEConfig(), PixelCNNConfig()
 CHECKPOINT_CHOICES = ("best", "last")  # run.CHECKPOINTS' keys (a test checks), without importing torch for --help
 
 
@@ -119,11 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     training = commands.add_parser("train-vqvae", help="train the VQ-VAE (bf16 + channels_last on CPU)")
     training.add_argument("--data", type=Path, help="data folder (OASIS layout); not needed with --resume")
     training.add_argument("--out", type=Path, required=True, help="run folder to create (or resume)")
-    _add_training_arguments(training, epochs_default=40, minutes_default=14)
+    _add_training_arguments(training)
     training.add_argument("--downsample", type=int, choices=(4, 8), default=None,
-                          help="4: 64x64 code grid (default), 8: 32x32")
-    training.add_argument("--codebook-size", type=positive_int, help="number of codes (default 32)")
-    training.add_argument("--code-dim", type=positive_int, help="dimension of each code (default 128)")
+                          help=f"4: 64x64 code grid, 8: 32x32 (default {VQVAE_DEFAULTS.downsample})")
+    training.add_argument("--codebook-size", type=positive_int,
+                          help=f"number of codes (default {VQVAE_DEFAULTS.codebook_size})")
+    training.add_argument("--code-dim", type=positive_int,
+                          help=f"dimension of each code (default {VQVAE_DEFAULTS.code_dim})")
     training.add_argument("--no-ema", action="store_true", help="learn the codebook by gradients, not EMA")
     training.set_defaults(handler=run_train_vqvae)
 
@@ -138,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     prior = commands.add_parser("train-prior", help="train the PixelCNN prior on the VQ-VAE's code grids")
     prior.add_argument("run", type=Path, help="run folder of a trained VQ-VAE; the prior goes to RUN/prior")
     prior.add_argument("--data", type=Path, help="data folder (default: the one the VQ-VAE was trained on)")
-    _add_training_arguments(prior, epochs_default=40, minutes_default=8)
-    prior.add_argument("--channels", type=positive_int, help="PixelCNN channels (default 64)")
-    prior.add_argument("--layers", type=positive_int, help="gated layers (default 10)")
+    _add_training_arguments(prior)
+    prior.add_argument("--channels", type=positive_int, help=f"PixelCNN channels (default {PRIOR_DEFAULTS.channels})")
+    prior.add_argument("--layers", type=positive_int, help=f"gated layers (default {PRIOR_DEFAULTS.layers})")
     prior.add_argument("--unconditional", action="store_true", help="do not condition on the slice position")
     prior.add_argument("--attention-layers", type=non_negative_int,
-                       help="causal attention blocks that give each code the whole slice above it (default 2; "
-                            "0: the plain gated PixelCNN)")
+                       help="causal attention blocks that give each code the whole slice above it (default "
+                            f"{PRIOR_DEFAULTS.attention_layers}; 0: the plain gated PixelCNN)")
     prior.set_defaults(handler=run_train_prior)
 
     sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder")
@@ -155,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature (> 0)")
     sampling.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codes")
     sampling.add_argument("--slice", type=non_negative_int, default=None, dest="slice_position", metavar="S",
-                          help="slice position 0..31 for every sample (default: drawn at random)")
+                          help="slice position of every sample, 0..positions-1 (0..31 for OASIS; default: drawn "
+                               "at random)")
     sampling.add_argument("--method", choices=("fast", "naive"), default="fast",
                           help="fast (cached, default) or naive (full network per code): the same samples on a "
                                "CPU, bit for bit (tested); on CUDA both run without TF32 and agreed when measured, "
@@ -190,21 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser, *, epochs_default: int, minutes_default: float) -> None:
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by train-vqvae and train-prior; unset ones keep TrainConfig's default (or, on --resume,
     the run's own value)."""
-    parser.add_argument("--epochs", type=positive_int, help=f"epochs (default {epochs_default})")
+    parser.add_argument("--epochs", type=positive_int, help=f"epochs (default {TRAIN_DEFAULTS.epochs})")
     parser.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     parser.add_argument("--max-minutes", type=minutes, help="stop after this many minutes of training in total "
-                                                              f"(default {minutes_default}; 0: no limit)")
-    parser.add_argument("--batch-size", type=positive_int, help="images per step (default 16)")
-    parser.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
+                                                              f"(default {TRAIN_DEFAULTS.max_minutes:g}; 0: no limit)")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help=f"images per step (default {TRAIN_DEFAULTS.batch_size})")
+    parser.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default {TRAIN_DEFAULTS.lr:g})")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                         help="bf16 autocast, fp32, or auto (default): bf16 where the GPU or CPU computes it natively")
     parser.add_argument("--device", type=device_name, help=DEVICE_HELP)
     parser.add_argument("--compile", choices=("auto", "on", "off"),
                         help="torch.compile the network (default auto: on CUDA only)")
-    parser.add_argument("--seed", type=seed, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed, help=f"random seed (default {TRAIN_DEFAULTS.seed})")
     parser.add_argument("--resume", action="store_true", help="continue the run from its last finished epoch")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch line")
 
@@ -255,7 +261,6 @@ def run_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-PRIOR_MINUTES = 8.0  # default training budget of the prior: the demo's whole job fits in 25 CPU minutes
 TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "lr", "precision", "device", "compile",
                       "seed")
 
@@ -270,7 +275,6 @@ def _given_training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_train_vqvae(args: argparse.Namespace) -> None:
     from brainvq import api
-    from brainvq.config import TrainConfig, VQVAEConfig
     from brainvq.run import read_run_config
 
     given = _given_training_options(args)
@@ -289,21 +293,16 @@ def run_train_vqvae(args: argparse.Namespace) -> None:
 
 def run_train_prior(args: argparse.Namespace) -> None:
     from brainvq import api
-    from brainvq.config import TrainConfig
-    from brainvq.models.pixelcnn import PixelCNNConfig
-    from brainvq.run import read_run_config
 
     given = _given_training_options(args)
     if args.resume:
         results = api.train_prior(args.run, data_dir=args.data, resume=True, resume_overrides=given,
                                   progress=not args.quiet)
     else:
-        given.setdefault("max_minutes", PRIOR_MINUTES)
         model_options = {"channels": args.channels, "layers": args.layers, "attention_layers": args.attention_layers}
-        vqvae_config = read_run_config(args.run)[0]
-        prior_config = PixelCNNConfig(codebook_size=vqvae_config.codebook_size, grid_size=vqvae_config.grid_size,
-                                      conditional=not args.unconditional,
-                                      **{name: value for name, value in model_options.items() if value is not None})
+        prior_config = api.default_prior_config(
+            args.run, args.data, conditional=not args.unconditional,
+            **{name: value for name, value in model_options.items() if value is not None})
         results = api.train_prior(args.run, data_dir=args.data, prior_config=prior_config,
                                   train_config=TrainConfig(**given), progress=not args.quiet)
     print(json.dumps(results, indent=2))

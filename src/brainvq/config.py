@@ -87,6 +87,49 @@ class VQVAEConfig:
 
 
 @dataclass(frozen=True)
+class PixelCNNConfig:
+    """The PixelCNN prior (models/pixelcnn.py) over code grids [G, G] of codebook_size codes."""
+
+    codebook_size: int = 32
+    channels: int = 64
+    layers: int = 10
+    kernel_size: int = 5  # odd; each layer reaches kernel_size // 2 further up, left and right
+    conditional: bool = True  # condition on the slice position
+    positions: int = 32  # slice positions; a new prior takes it from its data (api.default_prior_config)
+    grid_size: int = 64  # side of the code grids (the VQ-VAE's image size / downsample)
+    location_channels: int = 16  # learnt location map (0: none); tells each layer where in the grid it is
+    position_map_size: int = 16  # side of the learnt per-position map added to the embedded codes (0: none)
+    attention_layers: int = 2  # causal attention blocks between the gated layers (0: the plain gated PixelCNN)
+    attention_heads: int = 4
+    attention_block: int = 4  # side of the square of codes each attention token summarises (divides grid_size)
+
+    def validate(self) -> None:
+        # Upper bounds too: a tampered prior/config.json must not make the constructor allocate gigabytes.
+        limits = {"codebook_size": (2, 256), "channels": (1, 1024), "layers": (1, 64), "kernel_size": (3, 15),
+                  "positions": (1, 4096), "grid_size": (1, 512), "location_channels": (0, 256),
+                  "position_map_size": (0, 64), "attention_layers": (0, 64), "attention_heads": (1, 64),
+                  "attention_block": (1, 512)}
+        for key, (low, high) in limits.items():
+            value = getattr(self, key)
+            if not low <= value <= high or (key == "kernel_size" and value % 2 == 0):
+                odd = " and odd" if key == "kernel_size" else ""
+                raise ConfigError(f"{key} = {value!r} is invalid (must be in {low}..{high}{odd})")
+        if self.attention_layers:
+            if self.attention_layers > self.layers:
+                raise ConfigError(f"attention_layers = {self.attention_layers} must not exceed layers = {self.layers}")
+            if self.grid_size % self.attention_block:
+                raise ConfigError(f"attention_block = {self.attention_block} must divide grid_size = {self.grid_size}")
+            if self.channels % self.attention_heads:
+                raise ConfigError(f"attention_heads = {self.attention_heads} must divide channels = {self.channels}")
+
+    @property
+    def attention_before(self) -> tuple[int, ...]:
+        """Indices of the gated layers that an attention block precedes, spread evenly over the depth."""
+        count = self.attention_layers
+        return tuple((index + 1) * self.layers // (count + 1) for index in range(count))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run. `max_minutes` bounds wall time (checked between steps, validation included)."""
 

@@ -13,7 +13,6 @@ from pathlib import Path, PurePosixPath
 
 from brainvq.data.layout import (
     OASIS_COUNTS,
-    SLICES_PER_CASE,
     SPLITS,
     SliceName,
     group_by_split,
@@ -46,7 +45,8 @@ def check_data(data_dir: str | Path, *, manifest: str | Path | None = None) -> C
     """Check a slice data set: OASIS split folders, or a folder of slice images (split by case).
 
     Finds missing or empty split folders, images that do not decode, are not 256x256 or not 8-bit grayscale,
-    unparseable names, duplicate slices, cases without exactly slices 0..31, and cases in two splits. With a
+    unparseable names, duplicate slices, cases without exactly slices 0..N-1 (N: the split's number of slice
+    positions, 32 in OASIS), and cases in two splits. With a
     ``manifest`` (see :func:`~brainvq.data.layout.load_manifest`; paths relative to ``data_dir``) it also
     verifies every file's size and SHA-256 and reports files missing from or absent in the manifest, in the
     manifest's folders that exist in ``data_dir``.
@@ -129,11 +129,14 @@ def _check_image(path: Path, report: CheckReport) -> str | None:
 
 
 def _check_cases(slices: dict[Path, SliceName], report: CheckReport) -> dict[str, Path]:
-    """Check each case has exactly one image of each slice 0..31; returns each case's first file by case id."""
+    """Check each case has exactly one image of each slice 0..N-1, where N (the number of slice positions) is
+    the split's largest slice index + 1: OASIS has 32, other data may have more or fewer, but every case the
+    same. Returns each case's first file by case id."""
     files_by_case: dict[str, dict[int, list[Path]]] = defaultdict(lambda: defaultdict(list))
     for path, name in slices.items():
         files_by_case[name.case_id][name.slice_index].append(path)
     first_files = {}
+    positions = 1 + max((index for files_by_slice in files_by_case.values() for index in files_by_slice), default=-1)
     for case_id, files_by_slice in files_by_case.items():
         for slice_index, paths in files_by_slice.items():
             for duplicate in paths[1:]:
@@ -141,11 +144,11 @@ def _check_cases(slices: dict[Path, SliceName], report: CheckReport) -> dict[str
         first = next(iter(files_by_slice.values()))[0]
         first_files[case_id] = first
         indices = sorted(files_by_slice)
-        if indices != list(range(SLICES_PER_CASE)):
+        if indices != list(range(positions)):
             report.add(
                 first,
                 f"case {case_id} has {len(indices)} slices numbered {indices[0]}..{indices[-1]},"
-                f" expected {SLICES_PER_CASE} numbered 0..{SLICES_PER_CASE - 1}",
+                f" expected {positions} numbered 0..{positions - 1} like the split's other cases",
             )
     return first_files
 

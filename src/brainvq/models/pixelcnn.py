@@ -1,6 +1,7 @@
 """Gated PixelCNN prior over code grids (van den Oord et al. 2016), without a blind spot.
 
-Input: code grids [B, G, G] (int64 in [0, K)) and, optionally, the slice position of each grid [B] (0..31).
+Input: code grids [B, G, G] (int64 in [0, K)) and, optionally, the slice position of each grid [B] (0..positions-1;
+0..31 for OASIS).
 Output: logits [B, K, G, G]; logits[:, :, r, c] depends only on codes before (r, c) in raster order.
 
 Two stacks of features keep that promise:
@@ -29,55 +30,13 @@ window of one row or one position: that is the incremental step fast sampling (s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brainvq.config import PixelCNNConfig
 from brainvq.errors import ConfigError
 from brainvq.models.attention import BlockAttention
-
-
-@dataclass(frozen=True)
-class PixelCNNConfig:
-    codebook_size: int = 32
-    channels: int = 64
-    layers: int = 10
-    kernel_size: int = 5  # odd; each layer reaches kernel_size // 2 further up, left and right
-    conditional: bool = True  # condition on the slice position
-    positions: int = 32  # number of slice positions (OASIS: 32 slices per case)
-    grid_size: int = 64  # side of the code grids (the VQ-VAE's image size / downsample)
-    location_channels: int = 16  # learnt location map (0: none); tells each layer where in the grid it is
-    position_map_size: int = 16  # side of the learnt per-position map added to the embedded codes (0: none)
-    attention_layers: int = 2  # causal attention blocks between the gated layers (0: the plain gated PixelCNN)
-    attention_heads: int = 4
-    attention_block: int = 4  # side of the square of codes each attention token summarises (divides grid_size)
-
-    def validate(self) -> None:
-        # Upper bounds too: a tampered prior/config.json must not make the constructor allocate gigabytes.
-        limits = {"codebook_size": (2, 256), "channels": (1, 1024), "layers": (1, 64), "kernel_size": (3, 15),
-                  "positions": (1, 4096), "grid_size": (1, 512), "location_channels": (0, 256),
-                  "position_map_size": (0, 64), "attention_layers": (0, 64), "attention_heads": (1, 64),
-                  "attention_block": (1, 512)}
-        for key, (low, high) in limits.items():
-            value = getattr(self, key)
-            if not low <= value <= high or (key == "kernel_size" and value % 2 == 0):
-                odd = " and odd" if key == "kernel_size" else ""
-                raise ConfigError(f"{key} = {value!r} is invalid (must be in {low}..{high}{odd})")
-        if self.attention_layers:
-            if self.attention_layers > self.layers:
-                raise ConfigError(f"attention_layers = {self.attention_layers} must not exceed layers = {self.layers}")
-            if self.grid_size % self.attention_block:
-                raise ConfigError(f"attention_block = {self.attention_block} must divide grid_size = {self.grid_size}")
-            if self.channels % self.attention_heads:
-                raise ConfigError(f"attention_heads = {self.attention_heads} must divide channels = {self.channels}")
-
-    @property
-    def attention_before(self) -> tuple[int, ...]:
-        """Indices of the gated layers that an attention block precedes, spread evenly over the depth."""
-        count = self.attention_layers
-        return tuple((index + 1) * self.layers // (count + 1) for index in range(count))
 
 
 def _pad_above(x: torch.Tensor, rows: int, side: int) -> torch.Tensor:
