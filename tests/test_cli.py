@@ -26,7 +26,7 @@ def test_help_works_for_the_program_and_every_subcommand(capsys):
     paths = list(subcommand_paths(build_parser()))
     assert {("data", "demo"), ("data", "check"), ("data", "from-volumes"), ("train-vqvae",), ("evaluate",),
             ("reconstruct",), ("train-prior",), ("sample",), ("evaluate-samples",), ("report",),
-            ("demo",)} <= set(paths)
+            ("demo",), ("cache",), ("cache", "list"), ("cache", "clear")} <= set(paths)
     for path in [(), *paths]:
         with pytest.raises(SystemExit) as exited:
             main([*path, "--help"])
@@ -209,3 +209,27 @@ def test_a_folder_with_48_slice_positions_per_case_trains_and_samples_end_to_end
     assert main(["sample", str(run), "--n", "1", "--slice", "47", "--out", str(tmp_path / "samples")]) == 0
     assert main(["sample", str(run), "--n", "1", "--slice", "48", "--out", str(tmp_path / "none")]) == 1
     assert "slice position must be in 0..47, not 48" in capsys.readouterr().err
+
+
+def test_cache_list_and_clear(tiny_cohort, tmp_path, monkeypatch, capsys):
+    from brainvq.data.dataset import load_split
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("BRAINVQ_CACHE_DIR", str(folder))
+    keys = {split: load_split(tiny_cohort, split).key for split in ("validate", "test")}
+    capsys.readouterr()
+    assert main(["cache", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{folder}: 2 entries, 4.0 MiB")
+    for split, key in keys.items():
+        assert any(line.startswith(key) and f"{split} split of {tiny_cohort.resolve()}, 32 slices" in line
+                   for line in lines[1:]), lines
+
+    assert main(["cache", "clear", "--older-than", "1"]) == 0
+    assert capsys.readouterr().out.startswith("removed 0 entries")
+    assert main(["cache", "clear"]) == 0
+    assert capsys.readouterr().out == f"removed 2 entries (4.0 MiB) from {folder}\n"
+    assert list(folder.iterdir()) == []
+    with pytest.raises(SystemExit) as exited:
+        main(["cache", "clear", "--older-than", "-1"])
+    assert exited.value.code == 2

@@ -35,6 +35,13 @@ def sample_count(text: str) -> int:
     return value
 
 
+def non_negative_number(text: str) -> float:
+    value = number(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -192,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
                                "evaluation come on top)")
     demo_run.add_argument("--seed", type=seed, default=0)
     demo_run.set_defaults(handler=run_demo)
+
+    cache = commands.add_parser("cache", help="list or clear the decoded-slice cache "
+                                              "($BRAINVQ_CACHE_DIR, default ~/.cache/brainvq)")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="CACHE_COMMAND")
+    cache_list = cache_commands.add_parser("list", help="each entry: key, size, last use, the data it holds")
+    cache_list.set_defaults(handler=run_cache_list)
+    cache_clear = cache_commands.add_parser(
+        "clear", help="remove cached splits (they are decoded again when next loaded); writes in progress are kept")
+    cache_clear.add_argument("--older-than", type=non_negative_number, default=None, metavar="DAYS",
+                             help="only entries unused for more than DAYS days (default: all)")
+    cache_clear.set_defaults(handler=run_cache_clear)
     return parser
 
 
@@ -353,6 +371,33 @@ def run_demo(args: argparse.Namespace) -> None:
     results = api.demo(args.out, seed=args.seed, **options)
     print(json.dumps(results, indent=2))
     print(f"open {results['report']} to see the run")
+
+
+def run_cache_list(args: argparse.Namespace) -> None:
+    import time
+
+    from brainvq.data.cache import default_cache_dir, list_entries
+
+    folder = default_cache_dir()
+    entries = list_entries(folder)
+    print(f"{folder}: {len(entries)} entries, {_mib(sum(entry.size for entry in entries))}")
+    for entry in entries:
+        made_from = (f"{entry.split} split of {entry.data_dir}, {entry.slices} slices" if entry.split
+                     else "unknown (being written, or made by an older brainvq)")
+        last_used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        print(f"{entry.key}  {_mib(entry.size):>10}  last used {last_used}  {made_from}")
+
+
+def run_cache_clear(args: argparse.Namespace) -> None:
+    from brainvq.data.cache import clear, default_cache_dir
+
+    folder = default_cache_dir()
+    removed = clear(folder, older_than_days=args.older_than)
+    print(f"removed {len(removed)} entries ({_mib(sum(entry.size for entry in removed))}) from {folder}")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def raise_usage(message: str) -> None:

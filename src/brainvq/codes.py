@@ -1,9 +1,11 @@
 """Code grids: every slice of a split encoded once by the trained VQ-VAE, cached in the run folder.
 
     RUN/codes/<split>.npy    uint8 [N, G, G], the code index at each latent position
-    RUN/codes/<split>.json   case id and slice index of each grid, and what made them (checkpoint, files)
+    RUN/codes/<split>.json   case id and slice index of each grid, and what made them (checkpoint, slices)
 
-The prior trains on these grids; they are remade only when the VQ-VAE checkpoint or the split's files change.
+The prior trains on these grids; they are remade when the VQ-VAE checkpoint (its SHA-256) or the split's slices
+change. The slices are identified by their cache key (:mod:`brainvq.data.dataset`), which samples each file's
+bytes: slices replaced in place, with their sizes and modification times kept, give new grids too.
 """
 
 from __future__ import annotations
@@ -53,8 +55,7 @@ def code_grids(run_dir: Path, data_dir: str | Path, split: str, model: VQVAE, *,
     slices = load_split(data_dir, split)
     folder = Path(run_dir) / CODES_FOLDER
     codes_path, index_path = folder / f"{split}.npy", folder / f"{split}.json"
-    made_by = {"checkpoint_sha256": _sha256(Path(run_dir) / BEST_CHECKPOINT),
-               "files": [str(path) for path in slices.files]}
+    made_by = {"checkpoint_sha256": _sha256(Path(run_dir) / BEST_CHECKPOINT), "slices_key": slices.key}
     cached = _read_cache(codes_path, index_path, made_by, len(slices.files))
     if cached is not None:
         return CodeGrids(*cached, split)
@@ -70,7 +71,7 @@ def code_grids(run_dir: Path, data_dir: str | Path, split: str, model: VQVAE, *,
 def _read_cache(codes_path: Path, index_path: Path, made_by: dict[str, Any],
                 count: int) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
     """(codes, slice indices, case ids) from the cache if it is intact and made from the same checkpoint and
-    files; None (remake it) if it is missing, stale or damaged in any way, pickles included (never loaded)."""
+    slices; None (remake it) if it is missing, stale or damaged in any way, pickles included (never loaded)."""
     try:
         index = json.loads(index_path.read_text())
         if index.get("made_by") != made_by:

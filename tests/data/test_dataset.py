@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from brainvq.data import dataset
-from brainvq.data.dataset import SliceDataset, default_cache_dir, load_split, read_slice
+from brainvq.data.cache import default_cache_dir
+from brainvq.data.dataset import SliceDataset, load_split, read_slice
 from brainvq.data.layout import SLICES_PER_CASE, SPLITS, split_folder
 from brainvq.errors import DataError
 
@@ -58,6 +59,19 @@ def test_a_changed_file_invalidates_the_cache(oasis_dir: Path, tmp_path: Path) -
     Image.fromarray(np.full((256, 256), 9, dtype=np.uint8)).save(changed)
     os.utime(changed, ns=(0, 1))  # a distinct mtime even on a coarse-grained file system
     assert (load_split(oasis_dir, "train", cache_dir=tmp_path / "cache").images[0] == 9).all()
+
+
+def test_a_file_rewritten_with_its_size_and_mtime_kept_invalidates_the_cache(
+    oasis_dir: Path, tmp_path: Path, stored_png_writer
+) -> None:
+    changed = first_train_file(oasis_dir)
+    before = np.zeros((256, 256), dtype=np.uint8)
+    stored_png_writer(changed, before)
+    assert (load_split(oasis_dir, "train", cache_dir=tmp_path / "cache").images[0] == 0).all()
+    after = before.copy()
+    after[100:150] = 200  # the middle rows only: the file's first and last bytes but its checksums are the same
+    stored_png_writer(changed, after, in_place=True)
+    np.testing.assert_array_equal(load_split(oasis_dir, "train", cache_dir=tmp_path / "cache").images[0], after)
 
 
 def test_an_interrupted_decode_leaves_no_cache_that_looks_valid(

@@ -3,8 +3,12 @@
 Decoding thousands of PNGs every epoch would dominate training time on a small machine, and holding them as
 Python objects would cost memory per worker. The first :func:`load_split` of a folder decodes its images
 slice by slice into ``<cache>/<key>.uint8`` (raw uint8 [N, 256, 256]) with a ``<key>.json`` index beside
-it; later loads map that file without decoding. The key hashes the folder, the file names, sizes and
-modification times, so a changed folder gets a new cache.
+it; later loads map that file without decoding. The key hashes the folder and each file's name, size,
+modification time and first and last ``SAMPLE_BYTES`` bytes, so a changed folder gets a new cache, even where a
+file is rewritten with its size and modification time kept. The tail of a PNG holds the CRC-32 of its last data
+chunk and the Adler-32 of all its pixels, so a PNG with any pixel changed gets a new key; other formats are
+sampled at both ends only. Reading 8 KB of each file keeps the key cheap (it is computed on every load).
+The cache folder as a whole (listing, clearing, the automatic clean-up) is :mod:`brainvq.data.cache`.
 
 Decoding policy for images that are not 8-bit grayscale (:func:`~brainvq.data.layout.grayscale_pixels`):
 colour (RGB, RGBA, palette...) is converted to grayscale with Pillow's ``convert("L")``; 16-bit, 32-bit or
@@ -25,6 +29,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from brainvq.atomic import atomic_path, atomic_write_bytes
+from brainvq.data.cache import default_cache_dir, entry_paths, mark_used, prune
 from brainvq.data.layout import (
     IMAGE_SIZE,
     grayscale_pixels,
@@ -35,8 +41,10 @@ from brainvq.data.layout import (
 )
 from brainvq.errors import DataError
 
-# Part of the cache key: bump it when decoding changes so that caches made by older code are not reused.
-CACHE_VERSION = 1
+# Part of the cache key: bump it when decoding or the key changes so that caches made by older code are not
+# reused (2: the key samples each file's bytes; the index records what the entry was made from).
+CACHE_VERSION = 2
+SAMPLE_BYTES = 4096  # read from each end of every file for the key: one page each
 _SHAPE = (IMAGE_SIZE, IMAGE_SIZE)
 
 
@@ -45,7 +53,8 @@ class SliceSet:
     """The slices of one split, in file order (by case, then slice index).
 
     ``images`` is uint8 [N, 256, 256], a read-only ``np.memmap`` of the cache; ``slice_indices`` is int64 [N];
-    ``case_ids`` and ``files`` have N entries.
+    ``case_ids`` and ``files`` have N entries. ``key`` is the cache key, a fingerprint of the files' content:
+    what is made from the slices (code grids) is remade when it changes.
     """
 
     images: np.ndarray
@@ -53,6 +62,7 @@ class SliceSet:
     slice_indices: np.ndarray
     files: list[Path]
     split: str
+    key: str
 
 
 class SliceDataset(Dataset):
@@ -69,28 +79,26 @@ class SliceDataset(Dataset):
         return torch.from_numpy(image).unsqueeze(0), int(self.slices.slice_indices[index])
 
 
-def default_cache_dir() -> Path:
-    """``$BRAINVQ_CACHE_DIR`` if set, else ``~/.cache/brainvq``."""
-    return Path(os.environ.get("BRAINVQ_CACHE_DIR") or Path.home() / ".cache" / "brainvq")
-
-
 def load_split(
     data_dir: str | Path, split: str, *, cache_dir: str | Path | None = None, progress: bool = False
 ) -> SliceSet:
     """Load one split of a slice data set (OASIS split folders, or a folder of slice images split by case).
 
     Decodes the images into the cache on first use (``cache_dir``, default :func:`default_cache_dir`) and
-    memory-maps them afterwards. Raises DataError naming the file or folder for anything unusable.
+    memory-maps them afterwards; writing a new entry prunes old ones (:func:`brainvq.data.cache.prune`).
+    Raises DataError naming the file or folder for anything unusable.
     """
     files = split_files(data_dir, split)
     if not files:
         raise DataError(f"no cases fall in the {split} split (too few cases in the folder)", data_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _cache_key(files)
-    images_path, index_path = cache_dir / f"{key}.uint8", cache_dir / f"{key}.json"
+    images_path, index_path = entry_paths(cache_dir, key)
     cached = _open_cache(images_path, index_path)
     if cached is None:
-        _build_cache(files, images_path, index_path, progress)
+        made_from = {"data_dir": str(Path(data_dir).resolve()), "split": split}
+        _build_cache(files, made_from, images_path, index_path, progress)
+        prune(cache_dir, keep=key)
         cached = _open_cache(images_path, index_path)
     images, index = cached
     return SliceSet(
@@ -99,6 +107,7 @@ def load_split(
         slice_indices=np.array(index["slice_indices"], dtype=np.int64),
         files=[Path(file) for file in index["files"]],
         split=split,
+        key=key,
     )
 
 
@@ -111,13 +120,28 @@ def read_slice(path: Path) -> np.ndarray:
 
 
 def _cache_key(files: list[Path]) -> str:
-    """SHA-1 of the folder, the files' names, sizes and modification times, and CACHE_VERSION."""
+    """SHA-1 of CACHE_VERSION, the folder, and each file's name, size, modification time and sampled bytes."""
     folder = files[0].parent.resolve()
-    try:
-        stats = [(path.name, stat.st_size, stat.st_mtime_ns) for path in files for stat in [path.stat()]]
-    except OSError as error:
-        raise DataError(f"cannot read the file ({error.strerror})", error.filename or folder) from error
-    return hashlib.sha1(json.dumps([CACHE_VERSION, str(folder), stats]).encode()).hexdigest()
+    digest = hashlib.sha1(json.dumps([CACHE_VERSION, str(folder)]).encode())
+    for path in files:
+        try:
+            # Raw descriptor calls: a buffered file object per file would cost more than the reads themselves.
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            try:
+                stat = os.fstat(descriptor)
+                head = os.read(descriptor, SAMPLE_BYTES)
+                # The last SAMPLE_BYTES, or whatever follows the head in a file of up to 2 * SAMPLE_BYTES.
+                os.lseek(descriptor, max(SAMPLE_BYTES, stat.st_size - SAMPLE_BYTES), os.SEEK_SET)
+                tail = os.read(descriptor, SAMPLE_BYTES)
+            finally:
+                os.close(descriptor)
+        except OSError as error:
+            raise DataError(f"cannot read the file ({error.strerror})", path) from error
+        # The size fixes how many bytes head and tail hold, so the files' records cannot run into each other.
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        digest.update(head)
+        digest.update(tail)
+    return digest.hexdigest()
 
 
 def _open_cache(images_path: Path, index_path: Path) -> tuple[np.memmap, dict] | None:
@@ -129,34 +153,30 @@ def _open_cache(images_path: Path, index_path: Path) -> tuple[np.memmap, dict] |
         count = len(index["files"])
         if images_path.stat().st_size != count * IMAGE_SIZE * IMAGE_SIZE:
             return None
-        return np.memmap(images_path, dtype=np.uint8, mode="r", shape=(count, *_SHAPE)), index
+        images = np.memmap(images_path, dtype=np.uint8, mode="r", shape=(count, *_SHAPE))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    mark_used(index_path)
+    return images, index
 
 
-def _build_cache(files: list[Path], images_path: Path, index_path: Path, progress: bool) -> None:
-    """Decode ``files`` into ``images_path`` one slice at a time, then write ``index_path``; both atomically."""
-    suffix = f".{os.getpid()}.tmp"  # per process, so two processes building the same cache do not collide
-    images_tmp = images_path.with_name(images_path.name + suffix)
-    index_tmp = index_path.with_name(index_path.name + suffix)
+def _build_cache(files: list[Path], made_from: dict[str, str], images_path: Path, index_path: Path,
+                 progress: bool) -> None:
+    """Decode ``files`` into ``images_path`` one slice at a time, then write ``index_path``; both atomically.
+
+    ``made_from`` (data folder and split) goes into the index for ``brainvq cache list``."""
     names = [parse_slice_name(path) for path in files]
     index = {
+        "made_from": made_from,
         "files": [str(path.resolve()) for path in files],
         "case_ids": [name.case_id for name in names],
         "slice_indices": [name.slice_index for name in names],
     }
-    try:
-        images_path.parent.mkdir(parents=True, exist_ok=True)
-        images = np.memmap(images_tmp, dtype=np.uint8, mode="w+", shape=(len(files), *_SHAPE))
+    # A temporary of its own per write, so two processes building the same entry do not collide.
+    with atomic_path(images_path) as temporary:
+        images = np.memmap(temporary, dtype=np.uint8, mode="w+", shape=(len(files), *_SHAPE))
         for i, path in enumerate(tqdm(files, desc="decoding slices", unit="slice", disable=not progress)):
             images[i] = read_slice(path)
         images.flush()
         del images  # closes the map before the rename
-        os.replace(images_tmp, images_path)
-        index_tmp.write_text(json.dumps(index), encoding="utf-8")
-        os.replace(index_tmp, index_path)
-    except OSError as error:
-        raise DataError(f"cannot write the slice cache ({error})", images_path.parent) from error
-    finally:
-        images_tmp.unlink(missing_ok=True)
-        index_tmp.unlink(missing_ok=True)
+    atomic_write_bytes(index_path, json.dumps(index).encode())

@@ -1,0 +1,46 @@
+"""The code-grid cache of a run: reused while the checkpoint and the slices stay the same, remade otherwise."""
+
+import shutil
+
+import numpy as np
+import torch
+
+from brainvq import codes
+from brainvq.codes import code_grids, encode_dataset
+from brainvq.config import VQVAEConfig
+from brainvq.data.dataset import SliceDataset, load_split
+from brainvq.models.vqvae import VQVAE
+from brainvq.run import BEST_CHECKPOINT
+
+CPU = torch.device("cpu")
+
+
+def test_slices_replaced_in_place_with_size_and_mtime_kept_give_new_code_grids(
+        tiny_cohort, tmp_path, monkeypatch, stored_png_writer):
+    data = shutil.copytree(tiny_cohort, tmp_path / "data")
+    slice_file = sorted((data / "keras_png_slices_test").iterdir())[0]
+    stored_png_writer(slice_file, np.zeros((256, 256), dtype=np.uint8))
+    run = tmp_path / "run"
+    (run / BEST_CHECKPOINT).parent.mkdir(parents=True)
+    (run / BEST_CHECKPOINT).write_bytes(b"the checkpoint")  # only its hash matters here: the model is given
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(downsample=8, channels=32, code_dim=16))
+    encoded = []
+
+    def counting_encoder(*args, **kwargs):
+        encoded.append(args[1])
+        return encode_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(codes, "encode_dataset", counting_encoder)
+
+    code_grids(run, data, "test", model, device=CPU, precision="fp32")
+    code_grids(run, data, "test", model, device=CPU, precision="fp32")
+    assert len(encoded) == 1  # the second call reads the cache
+
+    changed = np.zeros((256, 256), dtype=np.uint8)
+    changed[64:192, 64:192] = 255
+    stored_png_writer(slice_file, changed, in_place=True)
+    grids = code_grids(run, data, "test", model, device=CPU, precision="fp32")
+    assert len(encoded) == 2
+    expected = encode_dataset(model, SliceDataset(load_split(data, "test")), device=CPU, precision="fp32")
+    np.testing.assert_array_equal(grids.codes, expected)
