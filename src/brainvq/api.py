@@ -18,7 +18,15 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from brainvq.codes import CodeGrids, code_grids
-from brainvq.config import TrainConfig, VQVAEConfig, load_json, save_json
+from brainvq.config import (
+    DEMO_MINUTES,
+    DEMO_VQVAE_SHARE,
+    SAMPLES_EVALUATED,
+    TrainConfig,
+    VQVAEConfig,
+    load_json,
+    save_json,
+)
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.data.demo import make_demo_cohort
 from brainvq.distributed import barrier, is_main, process_group
@@ -64,10 +72,6 @@ from brainvq.training.prior import PriorTask, code_dataset, nll_bits_per_code
 from brainvq.training.vqvae import VQVAETask
 
 RECON_GRID_IMAGES = 8
-# The VQ-VAE's validation SSIM levels off after about 6 CPU minutes (0.956 at 6 min, 0.962 at 12 min), while the
-# prior keeps improving for as long as it trains (C2ST AUC 0.93 after 8 min, 0.71 after 17 min): give the prior
-# most of the demo's time.
-DEMO_VQVAE_SHARE = 0.35
 
 
 def make_demo_data(out_dir: str | Path, **cohort_options: Any) -> dict[str, Any]:
@@ -270,8 +274,8 @@ def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> 
     return {"n": n, "seconds": seconds, "positions": positions.tolist(), "files": [str(file) for file in files]}
 
 
-def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = 256, seed: int = 0,
-                     device: str = "auto", fid_weights: str | Path | None = None) -> dict[str, Any]:
+def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = SAMPLES_EVALUATED,
+                     seed: int = 0, device: str = "auto", fid_weights: str | Path | None = None) -> dict[str, Any]:
     """How far `n` samples are from real slices, each measure beside the same measure on real slices; writes
     RUN/eval_samples.json, samples_grid.png, samples_by_position.png and real_vs_generated_by_position.png, and
     returns the figures. The samples cover every slice position equally (position i % positions for sample i).
@@ -401,7 +405,7 @@ def _save_tiles(images: np.ndarray, path: Path, columns: int = 8) -> None:
     save_grid(list(padded.reshape(-1, columns, *images.shape[1:])), path)
 
 
-def demo(run_dir: str | Path = "runs/demo", *, minutes: float = 16.0, seed: int = 0,
+def demo(run_dir: str | Path = "runs/demo", *, minutes: float = DEMO_MINUTES, seed: int = 0,
          progress: bool = True) -> dict[str, Any]:
     """The whole mission on the embedded default: demo cohort (RUN/data) -> VQ-VAE -> test evaluation -> prior
     -> samples and their evaluation -> RUN/report.html. `minutes` of training in all, DEMO_VQVAE_SHARE of it

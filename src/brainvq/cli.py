@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from brainvq import __version__
-from brainvq.config import DEVICE_NAMES, MAX_SEED, PixelCNNConfig, TrainConfig, VQVAEConfig, is_device_name
+from brainvq.config import (
+    DEMO_MINUTES,
+    DEMO_VQVAE_SHARE,
+    DEVICE_NAMES,
+    MAX_SEED,
+    SAMPLES_EVALUATED,
+    PixelCNNConfig,
+    TrainConfig,
+    VQVAEConfig,
+    is_device_name,
+)
 from brainvq.errors import BrainVQError
 
 
@@ -179,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             help="quality, diversity and novelty of generated slices")
     sample_evaluation.add_argument("run", type=Path, help="run folder with a trained VQ-VAE and prior")
     sample_evaluation.add_argument("--data", type=Path, help="data folder (default: the VQ-VAE's)")
-    sample_evaluation.add_argument("--n", type=sample_count, default=256,
-                                   help="samples to generate (default 256; half face each held-out split)")
+    sample_evaluation.add_argument("--n", type=sample_count, default=SAMPLES_EVALUATED,
+                                   help=f"samples to generate (default {SAMPLES_EVALUATED}; half face each held-out "
+                                        "split)")
     sample_evaluation.add_argument("--seed", type=seed, default=0)
     sample_evaluation.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     sample_evaluation.add_argument("--fid-weights", type=Path, metavar="FILE",
@@ -195,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_run = commands.add_parser("demo", help="the whole job on the embedded default data, end to end")
     demo_run.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     demo_run.add_argument("--minutes", type=positive_float,
-                          help="training budget in minutes, 35%% VQ-VAE and 65%% prior (default 16; sampling and "
-                               "evaluation come on top)")
+                          help=f"training budget in minutes, {DEMO_VQVAE_SHARE * 100:g}%% VQ-VAE and the rest prior "
+                               f"(default {DEMO_MINUTES:g}; sampling and evaluation come on top)")
     demo_run.add_argument("--seed", type=seed, default=0)
     demo_run.set_defaults(handler=run_demo)
 
