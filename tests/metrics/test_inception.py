@@ -227,8 +227,8 @@ def test_fid_is_the_frechet_distance_of_the_networks_features_image_by_image(net
     # Two images a side (the network takes up to a second per image on two busy cores) cannot say how far apart
     # two distributions are, and nothing here asks that: FID against Inception's closed form for Gaussians is in
     # test_samples.py. What is asserted holds at any n: fid() feeds each set through the network, in batches
-    # that change nothing (eval-mode batch norm), and measures the distance of exactly those features, in
-    # float64. Swapped, reused or float32 features, or per-batch statistics, would each move the value.
+    # that change nothing (eval-mode batch norm), and measures the distance of exactly those features. One set's
+    # features used for both, or batch statistics in place of the running ones, would each move the value.
     batch, _, features, _ = probe
     darker = images(2, seed=3, brightness=0.5)
     with torch.no_grad():
