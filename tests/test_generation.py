@@ -15,6 +15,7 @@ from PIL import Image
 from brainvq import api
 from brainvq.cli import main
 from brainvq.config import TrainConfig, VQVAEConfig
+from brainvq.data.dataset import load_split
 from brainvq.errors import ConfigError
 from brainvq.images import load_png
 from brainvq.models.pixelcnn import PixelCNNConfig
@@ -22,6 +23,18 @@ from brainvq.report import write_report
 from brainvq.sampling import sample_fast
 
 QUICK = {"max_minutes": None, "batch_size": 8, "seed": 1}
+TILE = 256  # side of a slice, and of each tile of the saved grids
+GRID_COLUMNS = 8
+
+
+def grid_tiles(path: Path, rows: int) -> np.ndarray:
+    """The tiles of a saved grid picture (`rows` rows of GRID_COLUMNS slices, 2-pixel gaps) as uint8 [N, 256, 256],
+    after checking that the picture has exactly that layout."""
+    grid = load_png(path)
+    step = TILE + 2
+    assert grid.shape == (rows * step - 2, GRID_COLUMNS * step - 2)
+    return np.stack([grid[r * step:r * step + TILE, c * step:c * step + TILE]
+                     for r in range(rows) for c in range(GRID_COLUMNS)])
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +70,13 @@ def test_sample_writes_pngs_and_a_grid_and_fast_equals_naive(trained_run, tmp_pa
     fast = api.sample(trained_run, 3, tmp_path / "fast", seed=5, slice_position=20)
     naive = api.sample(trained_run, 3, tmp_path / "naive", seed=5, slice_position=20, method="naive")
     assert [p.split("/")[-1] for p in fast["files"]] == [f"sample_000{i}_slice_20.png" for i in range(3)]
-    for fast_file, naive_file in zip(fast["files"], naive["files"], strict=True):
-        image = load_png(fast_file)
-        assert image.shape == (256, 256)
-        assert np.array_equal(image, load_png(naive_file))
-    assert load_png(tmp_path / "fast" / "samples_grid.png").shape[1] > 256 * 7
+    assert fast["positions"] == naive["positions"] == [20, 20, 20]
+    saved = np.stack([load_png(file) for file in fast["files"]])
+    assert saved.shape == (3, TILE, TILE)
+    assert np.array_equal(saved, np.stack([load_png(file) for file in naive["files"]]))
+    # The grid holds the same three samples in order, padded to a row of 8 with black tiles.
+    tiles = grid_tiles(tmp_path / "fast" / "samples_grid.png", rows=1)
+    assert np.array_equal(tiles[:3], saved) and not tiles[3:].any()
 
 
 def test_same_seed_same_samples_and_bad_options_are_refused(trained_run):
@@ -113,10 +128,17 @@ def test_evaluate_samples_then_report(trained_run, tiny_cohort):
     assert results["frechet"]["n_per_side"] == 16
     assert set(results["diversity_ms_ssim"]) == set(results["nearest_train_ssim"]) == {"samples", "real_test"}
     assert results["prior_nll_bits_per_code"] > 0
-    for name in ("samples_grid.png", "samples_by_position.png", "real_vs_generated_by_position.png"):
-        assert (trained_run / name).exists()
-    # 16 samples cover positions 0..15: one row pair of real above generated, 8 a row, then the next 8.
-    assert load_png(trained_run / "real_vs_generated_by_position.png").shape[0] > 4 * 256
+    assert (trained_run / "samples_grid.png").exists()
+    # The samples were asked for at positions 0..15 (sample i at i % 32), one of each: samples_by_position.png
+    # shows all 16 in two full rows, and each generated row of real_vs_generated_by_position.png sits below the
+    # real test slices of the same positions.
+    samples = grid_tiles(trained_run / "samples_by_position.png", rows=2)
+    pairs = grid_tiles(trained_run / "real_vs_generated_by_position.png", rows=4)
+    pairs = pairs.reshape(2, 2, GRID_COLUMNS, TILE, TILE)  # [row pair, real or generated, column]
+    assert np.array_equal(pairs[:, 1].reshape(16, TILE, TILE), samples)
+    test = load_split(tiny_cohort, "test")
+    at_position = [int(np.flatnonzero(test.slice_indices == position)[0]) for position in range(16)]
+    assert np.array_equal(pairs[:, 0].reshape(16, TILE, TILE), test.images[at_position])
 
     api.evaluate(trained_run, tiny_cohort)
     page = write_report(trained_run)

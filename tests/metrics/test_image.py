@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from pytorch_msssim import ms_ssim as reference_ms_ssim
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.transform import downscale_local_mean
 
-from brainvq.metrics.image import ImageMetrics, brain_mask, masked_ssim, psnr, ssim, ssim_map
+from brainvq.metrics.image import ImageMetrics, brain_mask, masked_ssim, ms_ssim, psnr, ssim, ssim_map
 
 # float32 here against skimage's float64 differs by about 2e-6; well inside the 1e-3 required, and tight
 # enough to tell population covariance from sample covariance.
@@ -61,6 +62,30 @@ def test_ssim_and_psnr_match_skimage(make, shape):
     x, y = _batch(original), _batch(degraded)
     assert ssim(x, y).item() == pytest.approx(expected_ssim, abs=TOLERANCE)
     assert psnr(x, y).item() == pytest.approx(expected_psnr, abs=TOLERANCE)
+
+
+# Sizes divisible by 16, so every one of the four halvings is exact. On odd sizes the two differ by convention:
+# brainvq's 2x2 average pool drops the last row or column, pytorch-msssim zero-pads it (count_include_pad).
+# 176 = 16 * 11 is the smallest size whose coarsest scale still fits brainvq's 11-pixel window.
+@pytest.mark.parametrize("shape", [(176, 176), (192, 256)])
+def test_ms_ssim_matches_pytorch_msssim(shape):
+    rng = np.random.default_rng(10)
+    originals = [_smooth(shape, rng), _camera(shape, rng), _random(shape, rng)]
+    x = _batch(*originals)
+    noisy = _batch(*(_noisy(image, rng) for image in originals))
+    # 1 - x: contrast-structure is negative at every scale; both clamp each scale's mean at 0 (pytorch-msssim's
+    # relu) before the fractional power, so the pair scores 0 rather than NaN.
+    y = torch.cat([noisy, 1 - x[:1]])
+    x = torch.cat([x, x[:1]])
+
+    # Every setting spelt out (they are pytorch-msssim's defaults but for data_range), not read from brainvq: the
+    # published weights of Wang, Simoncelli and Bovik (2003) and the constants K1, K2 of Wang et al. (2004).
+    expected = reference_ms_ssim(x, y, data_range=1.0, size_average=False, win_size=11, win_sigma=1.5,
+                                 weights=[0.0448, 0.2856, 0.3001, 0.2363, 0.1333], K=(0.01, 0.03))
+
+    # float32 on both sides, convolutions against brainvq's shifted sums: they differ by up to about 5e-6.
+    torch.testing.assert_close(ms_ssim(x, y), expected, rtol=0, atol=2e-5)
+    assert expected[-1] == 0 and (expected[:-1] > 0.3).all()  # the cases above exercise what they claim to
 
 
 def test_ssim_map_has_valid_shape_and_is_float32_for_bf16_input():

@@ -1,6 +1,5 @@
 import pickle
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +8,7 @@ from torch import nn
 
 from brainvq.errors import CheckpointError
 from brainvq.metrics.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE, FIDInceptionV3, load_inception
-from brainvq.metrics.samples import fid
+from brainvq.metrics.samples import fid, frechet_distance
 
 # pytorch-fid's fid_inception_v3() (src/pytorch_fid/inception.py) is torchvision's Inception3(num_classes=1008,
 # aux_logits=False) with Mixed_5b..5d, 6b..6e, 7b and 7c replaced by its FID blocks, which keep torchvision's
@@ -127,26 +126,32 @@ def weights_file(network, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def probe(network):
-    """(two images [2, 1, 256, 256], what the first convolution received, the network's features [2, 2048])."""
+    """(two images [2, 1, 256, 256], what the first convolution received, the network's features [2, 2048],
+    what the last block Mixed_7c returned)."""
     batch = images(2, seed=1)
-    seen = []
-    hook = network.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    seen, last = [], []
+    hooks = [network.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0])),
+             network.Mixed_7c.register_forward_hook(lambda module, inputs, output: last.append(output))]
     with torch.no_grad():
         features = network(batch)
-    hook.remove()
-    return batch, seen[0], features
+    for hook in hooks:
+        hook.remove()
+    return batch, seen[0], features, last[0]
 
 
 def test_two_images_give_two_finite_2048_feature_vectors(probe):
-    _, _, features = probe
+    _, _, features, last_block = probe
     assert features.shape == (2, 2048)
+    # pool3: the last block's 8x8 map (its size checks the stem's strides and pools) averaged over space.
+    assert last_block.shape == (2, 2048, 8, 8)
+    torch.testing.assert_close(features, last_block.mean(dim=(2, 3)))
     assert torch.isfinite(features).all()
     assert features.std() > 0.01  # activations neither vanished nor saturated to a constant
     assert not torch.allclose(features[0], features[1])  # the features depend on the image
 
 
 def test_input_is_repeated_resized_and_scaled_as_pytorch_fid_does(probe):
-    batch, first_input, _ = probe
+    batch, first_input, _, _ = probe
     expected = F.interpolate(batch.repeat(1, 3, 1, 1), size=(299, 299), mode="bilinear", align_corners=False)
     torch.testing.assert_close(first_input, 2 * expected - 1, rtol=0, atol=1e-6)
 
@@ -182,7 +187,7 @@ def test_state_dict_is_pytorch_fids_key_for_key():
 
 
 def test_safetensors_round_trip_gives_identical_features(probe, weights_file):
-    batch, _, features = probe
+    batch, _, features, _ = probe
     loaded = load_inception(weights_file)  # a new network: everything the features use must come from the file
     assert not loaded.training and not any(parameter.requires_grad for parameter in loaded.parameters())
     with torch.no_grad():
@@ -218,8 +223,16 @@ def test_wrong_weight_files_are_refused_naming_the_file(network, tmp_path, monke
     assert mark.exists()
 
 
-def test_fid_with_the_inception_network_on_a_few_images_is_finite_and_positive(network):
-    # Two images a side (the network takes up to a second per image on two busy cores); fid() itself, including
-    # that equal sets are at distance 0, is tested with a tiny extractor in test_samples.py.
-    distance = fid(images(2, seed=2), images(2, seed=3, brightness=0.5), network)
-    assert np.isfinite(distance) and distance > 0.1
+def test_fid_is_the_frechet_distance_of_the_networks_features_image_by_image(network, probe):
+    # Two images a side (the network takes up to a second per image on two busy cores) cannot say how far apart
+    # two distributions are, and nothing here asks that: FID against Inception's closed form for Gaussians is in
+    # test_samples.py. What is asserted holds at any n: fid() feeds each set through the network, in batches
+    # that change nothing (eval-mode batch norm), and measures the distance of exactly those features. One set's
+    # features used for both, or batch statistics in place of the running ones, would each move the value.
+    batch, _, features, _ = probe
+    darker = images(2, seed=3, brightness=0.5)
+    with torch.no_grad():
+        darker_features = network(darker)
+    expected = frechet_distance(features.double().numpy(), darker_features.double().numpy())
+    assert expected > 1.0  # a distance far from 0, so that the relative tolerance below means something
+    assert fid(batch, darker, network, batch_size=1) == pytest.approx(expected, rel=1e-4)
