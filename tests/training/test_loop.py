@@ -134,7 +134,7 @@ def test_a_skipped_step_undoes_a_dead_code_restart_of_a_codebook_learnt_by_gradi
 def test_training_says_what_will_stop_it_and_when_there_is_nothing_left_to_do(tmp_path, capsys):
     run(tmp_path, 1, max_minutes=30.0)
     announced = capsys.readouterr().err
-    assert "training epochs 1..1, at most 30 minutes of training in all" in announced
+    assert "training: epochs 1..1, at most 30 minutes of training in all" in announced
     assert "--max-minutes 0 lifts the limit" in announced
     history = run(tmp_path, 1, resume=True)
     assert len(history) == 1

@@ -113,12 +113,15 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
     budget = math.inf if config.max_minutes is None else config.max_minutes * 60
     validation_seconds = 0.0
     bad_steps_in_a_row = 0
-    if main:
-        _announce_limits(config, first_epoch, seconds_so_far)
+    if main and first_epoch > config.epochs:
+        print(f"brainvq: nothing to train: the run has done {first_epoch - 1} epochs and --epochs is {config.epochs}; "
+              f"pass a larger --epochs to continue it", file=sys.stderr)
 
     for epoch in range(first_epoch, config.epochs + 1):
         seed_everything(epoch_seed(config.seed, epoch))
         loader = epoch_loader(train_set, config, epoch, device)
+        if main and epoch == first_epoch:  # after the loader, which refuses a batch larger than the data
+            _announce_limits(config, first_epoch, seconds_so_far)
         task.model.train()
         task.start_epoch()
         sums: dict[str, float] = {}
@@ -192,12 +195,8 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
 
 
 def _announce_limits(config: TrainConfig, first_epoch: int, seconds_so_far: float) -> None:
-    """Say on stderr, before the first step, what will stop this training, and how to lift it; and say so when
-    there is nothing left to do (a resumed run that has done its epochs or spent its minutes)."""
-    if first_epoch > config.epochs:
-        print(f"brainvq: nothing to train: the run has done {first_epoch - 1} epochs and --epochs is {config.epochs}; "
-              f"pass a larger --epochs to continue it", file=sys.stderr)
-        return
+    """Say on stderr, before the first step, what will stop this training and how to lift it, or that a resumed
+    run has already spent its minutes."""
     limits = [f"epochs {first_epoch}..{config.epochs}"]
     if config.max_steps is not None:
         limits.append(f"at most {config.max_steps} steps in all")
@@ -209,7 +208,7 @@ def _announce_limits(config: TrainConfig, first_epoch: int, seconds_so_far: floa
             return
         limits.append(f"at most {config.max_minutes:g} minutes of training in all ({left:.1f} left; "
                       f"--max-minutes 0 lifts the limit)")
-    print(f"brainvq: training {', '.join(limits)}", file=sys.stderr)
+    print(f"training: {', '.join(limits)}", file=sys.stderr)
 
 
 def _model_state(model: nn.Module) -> list[torch.Tensor]:
