@@ -184,6 +184,33 @@ def split_files(data_dir: str | Path, split: str, *, seed: int = 0) -> list[Path
     return group_by_split(list_slices(data_dir), seed=seed)[split]
 
 
+def mask_file_name(slice_path: str | Path) -> str:
+    """The name of a slice's mask: ``case_007_slice_3.nii.png`` gives ``seg_007_slice_3.nii.png``."""
+    return "seg_" + Path(slice_path).name.removeprefix("case_")
+
+
+def split_masks(data_dir: str | Path, split: str, files: list[Path]) -> list[Path] | None:
+    """The mask of each slice of ``files`` (one split's :func:`split_files`), in the same order.
+
+    None where ``data_dir`` has no OASIS split folders or no ``keras_png_slices_seg_<split>`` folder: such
+    slices simply have no masks. Raises DataError naming the first slice without a mask, or else the first
+    mask without a slice (each split's masks must be exactly its slices').
+    """
+    folder = mask_folder(data_dir, split)
+    if not find_splits(data_dir) or not folder.is_dir():
+        return None
+    masks = {path.name: path for path in image_files(folder)}
+    paired = []
+    for path in files:
+        mask = masks.pop(mask_file_name(path), None)
+        if mask is None:
+            raise DataError(f"slice has no mask ({mask_file_name(path)} is not in {folder})", path)
+        paired.append(mask)
+    if masks:
+        raise DataError(f"mask has no slice in {split_folder(data_dir, split)}", min(masks.values()))
+    return paired
+
+
 def _refuse_shared_cases(files: list[Path], split: str, folders: dict[str, Path]) -> None:
     """Raise DataError if a case of ``files`` (one split) also has slices in another split's folder.
 
