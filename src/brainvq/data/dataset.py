@@ -39,8 +39,8 @@ from brainvq.atomic import atomic_path, atomic_write_bytes
 from brainvq.data.cache import default_cache_dir, entry_paths, mark_used, prune
 from brainvq.data.layout import (
     IMAGE_SIZE,
-    MASK_VALUES,
     grayscale_pixels,
+    mask_classes,
     parse_slice_name,
     read_image,
     size_problem,
@@ -54,9 +54,6 @@ from brainvq.errors import DataError
 CACHE_VERSION = 3
 SAMPLE_BYTES = 4096  # read from each end of every file for the key: one page each
 _SHAPE = (IMAGE_SIZE, IMAGE_SIZE)
-# Pixel value -> class index of a mask; 255 marks values that are no label.
-_MASK_CLASSES = np.full(256, 255, dtype=np.uint8)
-_MASK_CLASSES[list(MASK_VALUES)] = np.arange(len(MASK_VALUES))
 
 
 @dataclass
@@ -139,13 +136,9 @@ def read_slice(path: Path) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """Decode one segmentation mask to class indices, uint8 [256, 256] of 0..3 (see :data:`MASK_VALUES`)."""
-    pixels = read_slice(path)
-    classes = _MASK_CLASSES[pixels]
-    if (bad := classes == 255).any():
-        values = ", ".join(str(value) for value in np.unique(pixels[bad])[:5])
-        raise DataError(f"mask holds values other than {', '.join(map(str, MASK_VALUES))} ({values})", path)
-    return classes
+    """Decode one segmentation mask to class indices, uint8 [256, 256] of 0..3 (see
+    :func:`~brainvq.data.layout.mask_classes`)."""
+    return mask_classes(read_slice(path), path)
 
 
 def _cache_key(files: list[Path]) -> str:

@@ -45,6 +45,9 @@ SLICES_PER_CASE = 32
 AXIAL_RANGE = (0.25, 0.85)
 # The pixel values of a segmentation mask, in class-index order: background, CSF, grey matter, white matter.
 MASK_VALUES = (0, 85, 170, 255)
+# Pixel value -> class index of a mask; len(MASK_VALUES) marks values that are no label.
+_MASK_CLASSES = np.full(256, len(MASK_VALUES), dtype=np.uint8)
+_MASK_CLASSES[list(MASK_VALUES)] = np.arange(len(MASK_VALUES))
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 
 # (slices, cases) of each split of the full public OASIS keras_png_slices set.
@@ -199,16 +202,40 @@ def split_masks(data_dir: str | Path, split: str, files: list[Path]) -> list[Pat
     folder = mask_folder(data_dir, split)
     if not find_splits(data_dir) or not folder.is_dir():
         return None
+    pairs, missing, unpaired = pair_masks(folder, files)
+    if missing:
+        raise DataError(f"slice has no mask ({mask_file_name(missing[0])} is not in {folder})", missing[0])
+    if unpaired:
+        raise DataError(f"mask has no slice in {split_folder(data_dir, split)}", unpaired[0])
+    return [pairs[path] for path in files]
+
+
+def pair_masks(folder: Path, slices: Iterable[Path]) -> tuple[dict[Path, Path], list[Path], list[Path]]:
+    """Pair slice files with the masks in ``folder`` by name (:func:`mask_file_name`).
+
+    Returns ``({slice: mask}, slices without a mask, masks without a slice)``, the lists in the given and in
+    name order.
+    """
     masks = {path.name: path for path in image_files(folder)}
-    paired = []
-    for path in files:
-        mask = masks.pop(mask_file_name(path), None)
-        if mask is None:
-            raise DataError(f"slice has no mask ({mask_file_name(path)} is not in {folder})", path)
-        paired.append(mask)
-    if masks:
-        raise DataError(f"mask has no slice in {split_folder(data_dir, split)}", min(masks.values()))
-    return paired
+    pairs, missing = {}, []
+    for path in slices:
+        if (mask := masks.pop(mask_file_name(path), None)) is None:
+            missing.append(path)
+        else:
+            pairs[path] = mask
+    return pairs, missing, list(masks.values())
+
+
+def mask_classes(pixels: np.ndarray, path: str | Path) -> np.ndarray:
+    """A decoded mask's class indices, uint8 [H, W] of 0..3 (positions in :data:`MASK_VALUES`).
+
+    Raises DataError naming the file (and up to five of the values) if it holds values other than those.
+    """
+    classes = _MASK_CLASSES[pixels]
+    if (bad := classes == len(MASK_VALUES)).any():
+        values = ", ".join(str(value) for value in np.unique(pixels[bad])[:5])
+        raise DataError(f"mask holds values other than {', '.join(map(str, MASK_VALUES))} ({values})", path)
+    return classes
 
 
 def _refuse_shared_cases(files: list[Path], split: str, folders: dict[str, Path]) -> None:
