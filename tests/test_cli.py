@@ -220,7 +220,7 @@ def test_cache_list_and_clear(tiny_cohort, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["cache", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{folder}: 2 entries, 4.0 MiB")
+    assert lines[0].startswith(f"{folder}: 2 entries, 8.0 MiB")  # 32 slices and their masks each
     for split, key in keys.items():
         assert any(line.startswith(key) and f"{split} split of {tiny_cohort.resolve()}, 32 slices" in line
                    for line in lines[1:]), lines
@@ -228,7 +228,7 @@ def test_cache_list_and_clear(tiny_cohort, tmp_path, monkeypatch, capsys):
     assert main(["cache", "clear", "--older-than", "1"]) == 0
     assert capsys.readouterr().out.startswith("removed 0 entries")
     assert main(["cache", "clear"]) == 0
-    assert capsys.readouterr().out == f"removed 2 entries (4.0 MiB) from {folder}\n"
+    assert capsys.readouterr().out == f"removed 2 entries (8.0 MiB) from {folder}\n"
     assert list(folder.iterdir()) == []
     with pytest.raises(SystemExit) as exited:
         main(["cache", "clear", "--older-than", "-1"])

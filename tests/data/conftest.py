@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainvq.data.layout import IMAGE_SIZE, SLICES_PER_CASE, split_folder, write_case
+from brainvq.data.layout import IMAGE_SIZE, MASK_VALUES, SLICES_PER_CASE, mask_folder, split_folder, write_case
 
 # Tiny OASIS cohort: case numbers per split, disjoint as in OASIS.
 TINY_CASES = {"train": (1, 2), "validate": (3,), "test": (4,)}
@@ -20,6 +20,11 @@ def slice_pixels(case_number: int, slice_index: int) -> np.ndarray:
     """A distinct, deterministic uint8 [256, 256] image for each (case, slice), so values can be compared."""
     ramp = np.add.outer(np.arange(IMAGE_SIZE), 3 * np.arange(IMAGE_SIZE))
     return ((ramp + 37 * case_number + 11 * slice_index) % 256).astype(np.uint8)
+
+
+def mask_pixels(case_number: int, slice_index: int) -> np.ndarray:
+    """A distinct, deterministic uint8 [256, 256] mask of MASK_VALUES for each (case, slice)."""
+    return np.asarray(MASK_VALUES, dtype=np.uint8)[(slice_pixels(case_number, slice_index) // 7) % 4]
 
 
 def write_slices(folder: Path, case_ids: list[str], n_slices: int = SLICES_PER_CASE) -> list[Path]:
@@ -50,6 +55,24 @@ def pristine_oasis(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def oasis_dir(pristine_oasis: Path, tmp_path: Path) -> Path:
     """A fresh, modifiable copy of the tiny OASIS-layout folder."""
     return Path(shutil.copytree(pristine_oasis, tmp_path / "oasis"))
+
+
+@pytest.fixture
+def mask_values() -> Callable[[int, int], np.ndarray]:
+    """:func:`mask_pixels`: the mask written for (case number, slice index) by ``oasis_with_masks``."""
+    return mask_pixels
+
+
+@pytest.fixture
+def oasis_with_masks(oasis_dir: Path) -> Path:
+    """``oasis_dir`` with OASIS segmentation folders: a mask (:func:`mask_pixels`) beside every slice."""
+    for split, case_numbers in TINY_CASES.items():
+        folder = mask_folder(oasis_dir, split)
+        folder.mkdir()
+        for case_number in case_numbers:
+            masks = np.stack([mask_pixels(case_number, s) for s in range(SLICES_PER_CASE)])
+            write_case(folder, case_number, masks, prefix="seg")
+    return oasis_dir
 
 
 @pytest.fixture

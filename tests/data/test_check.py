@@ -11,7 +11,7 @@ from PIL import Image
 
 from brainvq.data import check
 from brainvq.data.check import check_data
-from brainvq.data.layout import split_folder
+from brainvq.data.layout import mask_folder, split_folder
 
 
 def train_file(data_dir: Path, case_number: int = 1, slice_index: int = 0) -> Path:
@@ -37,6 +37,34 @@ def test_a_good_folder_passes_with_one_summary_per_split(oasis_dir: Path) -> Non
         "validate: 32 slices from 1 cases, 256x256 L",
         "test: 32 slices from 1 cases, 256x256 L",
     ]
+
+
+def test_slices_with_masks_are_counted_per_split(oasis_with_masks: Path) -> None:
+    report = check_data(oasis_with_masks)
+    assert report.ok, report.problems
+    assert [line for line in report.summaries if "masks" in line] == [
+        "train: 64 slices with masks",
+        "validate: 32 slices with masks",
+        "test: 32 slices with masks",
+    ]
+
+
+def test_each_bad_mask_is_reported_by_name(oasis_with_masks: Path, mask_values) -> None:
+    folder = mask_folder(oasis_with_masks, "train")
+    (folder / "seg_001_slice_0.nii.png").unlink()
+    Image.fromarray(mask_values(1, 0)).save(folder / "seg_009_slice_0.nii.png")
+    Image.new("L", (128, 256)).save(folder / "seg_001_slice_1.nii.png")
+    bad = mask_values(1, 2)
+    bad[5, 5] = 7
+    Image.fromarray(bad).save(folder / "seg_001_slice_2.nii.png")
+    report = check_data(oasis_with_masks)
+    assert sorted(report.problems) == sorted([
+        f"{train_file(oasis_with_masks)}: slice has no mask (seg_001_slice_0.nii.png is not in {folder})",
+        f"{folder / 'seg_009_slice_0.nii.png'}: mask has no slice",
+        f"{folder / 'seg_001_slice_1.nii.png'}: image is 128x256, expected 256x256",
+        f"{folder / 'seg_001_slice_2.nii.png'}: mask holds values other than 0, 85, 170, 255 (7)",
+    ])
+    assert "train: 63 slices with masks" in report.summaries
 
 
 def test_summary_recognises_the_oasis_split_sizes(oasis_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

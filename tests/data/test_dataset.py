@@ -12,7 +12,7 @@ from PIL import Image
 from brainvq.data import dataset
 from brainvq.data.cache import default_cache_dir
 from brainvq.data.dataset import SliceDataset, load_split, read_slice
-from brainvq.data.layout import SLICES_PER_CASE, SPLITS, split_folder
+from brainvq.data.layout import MASK_VALUES, SLICES_PER_CASE, SPLITS, mask_folder, split_folder
 from brainvq.errors import DataError
 
 
@@ -38,9 +38,53 @@ def test_load_split_returns_the_images_exactly(oasis_dir: Path, tmp_path: Path, 
     assert slices.slice_indices.dtype == np.int64
     assert slices.files[0] == first_train_file(oasis_dir).resolve()
     assert slices.split == "train"
+    assert slices.labels is None and slices.mask_files is None  # no mask folders: no masks
     for i in (0, 5, 40):
         case_number, slice_index = int(slices.case_ids[i]), int(slices.slice_indices[i])
         np.testing.assert_array_equal(slices.images[i], pixels(case_number, slice_index))
+
+
+def test_masks_are_loaded_as_class_indices_paired_with_their_slices(
+    oasis_with_masks: Path, tmp_path: Path, pixels, mask_values, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slices = load_split(oasis_with_masks, "train", cache_dir=tmp_path / "cache")
+    assert isinstance(slices.labels, np.memmap) and not slices.labels.flags.writeable
+    assert (slices.labels.shape, slices.labels.dtype) == ((2 * SLICES_PER_CASE, 256, 256), np.uint8)
+    assert slices.mask_files[40] == (mask_folder(oasis_with_masks, "train") / "seg_002_slice_8.nii.png").resolve()
+    for i in (0, 5, 40):
+        case_number, slice_index = int(slices.case_ids[i]), int(slices.slice_indices[i])
+        np.testing.assert_array_equal(slices.images[i], pixels(case_number, slice_index))
+        np.testing.assert_array_equal(np.asarray(MASK_VALUES)[slices.labels[i]], mask_values(case_number, slice_index))
+    forbid_decoding(monkeypatch)
+    again = load_split(oasis_with_masks, "train", cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again.labels, slices.labels)
+
+
+@pytest.mark.parametrize("problem", ["missing", "unpaired", "size", "values"])
+def test_unusable_masks_are_errors_naming_the_file(
+    oasis_with_masks: Path, tmp_path: Path, mask_values, problem: str
+) -> None:
+    folder = mask_folder(oasis_with_masks, "train")
+    mask = folder / "seg_001_slice_3.nii.png"
+    if problem == "missing":
+        mask.unlink()
+        named, message = first_train_file(oasis_with_masks).with_name("case_001_slice_3.nii.png"), "slice has no mask"
+    elif problem == "unpaired":
+        mask = folder / "seg_009_slice_0.nii.png"
+        Image.fromarray(mask_values(1, 0)).save(mask)
+        named, message = mask, "mask has no slice in"
+    elif problem == "size":
+        Image.new("L", (128, 256)).save(mask)
+        named, message = mask, "image is 128x256, expected 256x256"
+    else:
+        bad = mask_values(1, 3)
+        bad[0, :2] = [3, 86]
+        Image.fromarray(bad).save(mask)
+        named, message = mask, "mask holds values other than 0, 85, 170, 255 (3, 86)"
+    with pytest.raises(DataError, match=f"^{re.escape(str(named))}: {re.escape(message)}") as error:
+        load_split(oasis_with_masks, "train", cache_dir=tmp_path / "cache")
+    assert "\n" not in str(error.value)
+    load_split(oasis_with_masks, "validate", cache_dir=tmp_path / "cache")  # the other splits are unaffected
 
 
 def test_a_second_load_reuses_the_cache_without_decoding(

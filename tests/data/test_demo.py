@@ -8,16 +8,27 @@ from PIL import Image
 
 from brainvq.data import demo
 from brainvq.data.demo import make_demo_cohort, template_folder
-from brainvq.data.layout import SLICES_PER_CASE, SPLITS, list_slices, slice_file_name, split_folder
+from brainvq.data.layout import (
+    MASK_VALUES,
+    SLICES_PER_CASE,
+    SPLITS,
+    list_slices,
+    mask_folder,
+    slice_file_name,
+    split_folder,
+)
 from brainvq.data.volumes import load_volume, slice_volume
 from brainvq.errors import ConfigError, DataError
 
 
-def read_case(data_dir: Path, split: str, case_number: int) -> np.ndarray:
-    """uint8 [32, 256, 256]: one case's slices as written."""
-    folder = split_folder(data_dir, split)
+def read_case(data_dir: Path, split: str, case_number: int, prefix: str = "case") -> np.ndarray:
+    """uint8 [32, 256, 256]: one case's slices as written (``prefix="seg"``: its masks)."""
+    folder = (split_folder if prefix == "case" else mask_folder)(data_dir, split)
     return np.stack(
-        [np.asarray(Image.open(folder / slice_file_name(case_number, index))) for index in range(SLICES_PER_CASE)]
+        [
+            np.asarray(Image.open(folder / slice_file_name(case_number, index, prefix)))
+            for index in range(SLICES_PER_CASE)
+        ]
     )
 
 
@@ -51,6 +62,19 @@ def test_cases_are_brains_on_black_filling_the_frame_like_oasis(cohort: tuple[Pa
     assert 230 <= np.percentile(slices[slices > 0], 99.5) <= 255
     areas = np.count_nonzero(slices, axis=(1, 2))
     assert areas[0] < areas[SLICES_PER_CASE // 2] > areas[-1]  # slices run through the brain, not past it
+
+
+def test_every_slice_has_a_mask_whose_labels_follow_the_image(cohort: tuple[Path, dict]) -> None:
+    out_dir, _ = cohort
+    for split, case_number in (("train", 1), ("train", 2), ("validate", 3), ("test", 4)):
+        images, masks = read_case(out_dir, split, case_number), read_case(out_dir, split, case_number, "seg")
+        assert set(np.unique(masks)) == set(MASK_VALUES)
+        np.testing.assert_array_equal(masks == 0, images == 0)  # background agrees with the black of the T1
+        csf, grey, white = (images[masks == value].mean() for value in MASK_VALUES[1:])
+        assert white > grey > csf  # T1 contrast
+    assert sorted(path.name for path in mask_folder(out_dir, "test").iterdir()) == sorted(
+        slice_file_name(4, index, "seg") for index in range(SLICES_PER_CASE)
+    )
 
 
 def test_cases_differ_from_each_other(cohort: tuple[Path, dict]) -> None:
@@ -101,13 +125,13 @@ def test_refuses_a_non_empty_folder_and_empty_splits(cohort: tuple[Path, dict], 
 def test_an_interrupted_run_leaves_no_partial_cohort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     written = []
 
-    def write_then_fail(folder: Path, case_number: int, slices: np.ndarray) -> None:
+    def write_then_fail(folder: Path, case_number: int, slices: np.ndarray, prefix: str = "case") -> None:
         if written:
             raise KeyboardInterrupt
-        written.append(case_number)
+        written.append((case_number, prefix))
 
     monkeypatch.setattr(demo, "write_case", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
         make_demo_cohort(tmp_path / "cohort", train_cases=1, val_cases=1, test_cases=1)
-    assert written == [1]
+    assert written == [(1, "case")]
     assert list(tmp_path.iterdir()) == []

@@ -30,7 +30,7 @@ from pathlib import Path
 
 _DAY = 24 * 3600
 MAX_UNUSED_DAYS = 30  # a month without a load: the data or the project has moved on
-MAX_TOTAL_BYTES = 10 * 2**30  # 10 GiB: the full OASIS slice set decodes to 0.7 GiB, so many versions of it fit
+MAX_TOTAL_BYTES = 10 * 2**30  # 10 GiB: full OASIS decodes to 0.7 GiB (1.4 with masks): many versions fit
 TEMPORARY_GRACE_SECONDS = _DAY  # far beyond the longest decode; anything older was cut short by a kill
 
 IMAGES_SUFFIX, INDEX_SUFFIX = ".uint8", ".json"

@@ -15,9 +15,14 @@ from brainvq.data.layout import (
     OASIS_COUNTS,
     SPLITS,
     SliceName,
+    grayscale_pixels,
     group_by_split,
     image_files,
     load_manifest,
+    mask_classes,
+    mask_file_name,
+    mask_folder,
+    pair_masks,
     parse_slice_name,
     read_image,
     size_problem,
@@ -46,7 +51,10 @@ def check_data(data_dir: str | Path, *, manifest: str | Path | None = None) -> C
 
     Finds missing or empty split folders, images that do not decode, are not 256x256 or not 8-bit grayscale,
     unparseable names, duplicate slices, cases without exactly slices 0..N-1 (N: the split's number of slice
-    positions, 32 in OASIS), and cases in two splits. With a
+    positions, 32 in OASIS), and cases in two splits. Where a split has a segmentation folder
+    (``keras_png_slices_seg_<split>``) it counts the slices with masks and reports slices without one, masks
+    without a slice, and masks that do not decode, are not 256x256 or hold values other than the four labels.
+    With a
     ``manifest`` (see :func:`~brainvq.data.layout.load_manifest`; paths relative to ``data_dir``) it also
     verifies every file's size and SHA-256 and reports files missing from or absent in the manifest, in the
     manifest's folders that exist in ``data_dir``.
@@ -69,6 +77,8 @@ def check_data(data_dir: str | Path, *, manifest: str | Path | None = None) -> C
             else:
                 first_split_of[case_id] = (split, path)
         report.summaries.append(_summary(split, len(slices), len(cases), shapes))
+        if (masks := mask_folder(data_dir, split)).is_dir():
+            report.summaries.append(f"{split}: {_check_masks(masks, list(slices), report)} slices with masks")
     if manifest is not None:
         _verify_manifest(data_dir, load_manifest(manifest), report)
     return report
@@ -126,6 +136,24 @@ def _check_image(path: Path, report: CheckReport) -> str | None:
     if image.mode != "L":
         report.add(path, f"image mode is {image.mode}, expected 8-bit grayscale (L)")
     return f"{image.width}x{image.height} {image.mode}"
+
+
+def _check_masks(folder: Path, slices: list[Path], report: CheckReport) -> int:
+    """Pair a split's slices with the masks in ``folder`` and check each mask; returns the number of pairs."""
+    pairs, missing, unpaired = pair_masks(folder, slices)
+    for path in missing:
+        report.add(path, f"slice has no mask ({mask_file_name(path)} is not in {folder})")
+    for path in unpaired:
+        report.add(path, "mask has no slice")
+    for mask in pairs.values():
+        try:
+            image = read_image(mask)
+            if problem := size_problem(image):
+                raise DataError(problem, mask)
+            mask_classes(grayscale_pixels(image, mask), mask)
+        except DataError as error:
+            report.problems.append(str(error))
+    return len(pairs)
 
 
 def _check_cases(slices: dict[Path, SliceName], report: CheckReport) -> dict[str, Path]:

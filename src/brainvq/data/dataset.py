@@ -14,6 +14,12 @@ Decoding policy for images that are not 8-bit grayscale (:func:`~brainvq.data.la
 colour (RGB, RGBA, palette...) is converted to grayscale with Pillow's ``convert("L")``; 16-bit, 32-bit or
 float grayscale is scaled so that the image's own maximum becomes 255 (negative values become 0). A corrupt
 image, or one that is not 256x256, is an error naming the file.
+
+Segmentation masks (OASIS ``keras_png_slices_seg_<split>``, see :mod:`brainvq.data.layout`) are loaded with
+their slices when the split has them. They are decoded the same way, must hold only the four
+:data:`~brainvq.data.layout.MASK_VALUES`, and are cached as class indices 0..3 right after the images in the
+same ``<key>.uint8`` file (uint8 [2, N, 256, 256]), so an entry stays one file that the cache folder's rules
+cover.
 """
 
 from __future__ import annotations
@@ -34,16 +40,18 @@ from brainvq.data.cache import default_cache_dir, entry_paths, mark_used, prune
 from brainvq.data.layout import (
     IMAGE_SIZE,
     grayscale_pixels,
+    mask_classes,
     parse_slice_name,
     read_image,
     size_problem,
     split_files,
+    split_masks,
 )
 from brainvq.errors import DataError
 
 # Part of the cache key: bump it when decoding or the key changes so that caches made by older code are not
-# reused (2: the key samples each file's bytes; the index records what the entry was made from).
-CACHE_VERSION = 2
+# reused (2: the key samples each file's bytes; the index records what the entry was made from; 3: masks).
+CACHE_VERSION = 3
 SAMPLE_BYTES = 4096  # read from each end of every file for the key: one page each
 _SHAPE = (IMAGE_SIZE, IMAGE_SIZE)
 
@@ -54,7 +62,9 @@ class SliceSet:
 
     ``images`` is uint8 [N, 256, 256], a read-only ``np.memmap`` of the cache; ``slice_indices`` is int64 [N];
     ``case_ids`` and ``files`` have N entries. ``key`` is the cache key, a fingerprint of the files' content:
-    what is made from the slices (code grids) is remade when it changes.
+    what is made from the slices (code grids) is remade when it changes. ``labels`` is uint8 [N, 256, 256] of
+    class indices (0 background, 1 CSF, 2 grey matter, 3 white matter; a read-only memmap like ``images``)
+    where the split has segmentation masks, else None; ``mask_files`` then names each slice's mask.
     """
 
     images: np.ndarray
@@ -63,6 +73,8 @@ class SliceSet:
     files: list[Path]
     split: str
     key: str
+    labels: np.ndarray | None = None
+    mask_files: list[Path] | None = None
 
 
 class SliceDataset(Dataset):
@@ -86,23 +98,27 @@ def load_split(
 
     Decodes the images into the cache on first use (``cache_dir``, default :func:`default_cache_dir`) and
     memory-maps them afterwards; writing a new entry prunes old ones (:func:`brainvq.data.cache.prune`).
+    The split's masks, if it has a mask folder, come with them (see :func:`~brainvq.data.layout.split_masks`).
     Raises DataError naming the file or folder for anything unusable.
     """
     files = split_files(data_dir, split)
     if not files:
         raise DataError(f"no cases fall in the {split} split (too few cases in the folder)", data_dir)
+    masks = split_masks(data_dir, split, files)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = _cache_key(files)
+    key = _cache_key(files + (masks or []))
     images_path, index_path = entry_paths(cache_dir, key)
     cached = _open_cache(images_path, index_path)
     if cached is None:
         made_from = {"data_dir": str(Path(data_dir).resolve()), "split": split}
-        _build_cache(files, made_from, images_path, index_path, progress)
+        _build_cache(files, masks, made_from, images_path, index_path, progress)
         prune(cache_dir, keep=key)
         cached = _open_cache(images_path, index_path)
-    images, index = cached
+    planes, index = cached
     return SliceSet(
-        images=images,
+        images=planes[0],
+        labels=planes[1] if len(planes) > 1 else None,
+        mask_files=[Path(file) for file in index["masks"]] if "masks" in index else None,
         case_ids=index["case_ids"],
         slice_indices=np.array(index["slice_indices"], dtype=np.int64),
         files=[Path(file) for file in index["files"]],
@@ -117,6 +133,12 @@ def read_slice(path: Path) -> np.ndarray:
     if problem := size_problem(image):
         raise DataError(problem, path)
     return grayscale_pixels(image, path)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Decode one segmentation mask to class indices, uint8 [256, 256] of 0..3 (see
+    :func:`~brainvq.data.layout.mask_classes`)."""
+    return mask_classes(read_slice(path), path)
 
 
 def _cache_key(files: list[Path]) -> str:
@@ -145,24 +167,26 @@ def _cache_key(files: list[Path]) -> str:
 
 
 def _open_cache(images_path: Path, index_path: Path) -> tuple[np.memmap, dict] | None:
-    """The cached images (read-only memmap) and index, or None if there is no complete cache."""
+    """The cache (read-only memmap uint8 [planes, N, 256, 256]: the images, then the labels where the index
+    lists masks) and its index, or None if there is no complete cache."""
     # The index is written last, after the images file is complete: a missing or unreadable index means no
     # cache, whatever else a killed build left behind.
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-        count = len(index["files"])
-        if images_path.stat().st_size != count * IMAGE_SIZE * IMAGE_SIZE:
+        shape = (2 if "masks" in index else 1, len(index["files"]), *_SHAPE)
+        if images_path.stat().st_size != np.prod(shape):
             return None
-        images = np.memmap(images_path, dtype=np.uint8, mode="r", shape=(count, *_SHAPE))
+        planes = np.memmap(images_path, dtype=np.uint8, mode="r", shape=shape)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     mark_used(index_path)
-    return images, index
+    return planes, index
 
 
-def _build_cache(files: list[Path], made_from: dict[str, str], images_path: Path, index_path: Path,
-                 progress: bool) -> None:
-    """Decode ``files`` into ``images_path`` one slice at a time, then write ``index_path``; both atomically.
+def _build_cache(files: list[Path], masks: list[Path] | None, made_from: dict[str, str], images_path: Path,
+                 index_path: Path, progress: bool) -> None:
+    """Decode ``files`` (and ``masks``, one per file, if any) into ``images_path`` one slice at a time, then
+    write ``index_path``; both atomically.
 
     ``made_from`` (data folder and split) goes into the index for ``brainvq cache list``."""
     names = [parse_slice_name(path) for path in files]
@@ -172,11 +196,16 @@ def _build_cache(files: list[Path], made_from: dict[str, str], images_path: Path
         "case_ids": [name.case_id for name in names],
         "slice_indices": [name.slice_index for name in names],
     }
+    if masks is not None:
+        index["masks"] = [str(path.resolve()) for path in masks]
     # A temporary of its own per write, so two processes building the same entry do not collide.
     with atomic_path(images_path) as temporary:
-        images = np.memmap(temporary, dtype=np.uint8, mode="w+", shape=(len(files), *_SHAPE))
+        shape = (1 if masks is None else 2, len(files), *_SHAPE)
+        planes = np.memmap(temporary, dtype=np.uint8, mode="w+", shape=shape)
         for i, path in enumerate(tqdm(files, desc="decoding slices", unit="slice", disable=not progress)):
-            images[i] = read_slice(path)
-        images.flush()
-        del images  # closes the map before the rename
+            planes[0, i] = read_slice(path)
+            if masks is not None:
+                planes[1, i] = read_mask(masks[i])
+        planes.flush()
+        del planes  # closes the map before the rename
     atomic_write_bytes(index_path, json.dumps(index).encode())

@@ -5,6 +5,9 @@ a random affine (rotation, per-axis scale, in-plane shift: brains differ in size
 scans), a smooth non-linear deformation, its own grey/white matter/CSF contrast and gamma, a smooth
 multiplicative bias field and Rician noise inside the brain. The background stays exactly 0, like OASIS.
 
+Every slice gets an OASIS-style segmentation mask too: the template's CSF, grey and white matter maps are
+sampled through the very same mapping as the T1 and each brain pixel takes the most probable of the three.
+
 Speed: the template is never warped as a whole. For each case only the 32 x 256 x 256 output pixels are
 mapped back into the template (affine plus displacement) and interpolated there, once.
 """
@@ -21,7 +24,16 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
-from brainvq.data.layout import IMAGE_SIZE, SLICES_PER_CASE, SPLITS, split_folder, staged_layout, write_case
+from brainvq.data.layout import (
+    IMAGE_SIZE,
+    MASK_VALUES,
+    SLICES_PER_CASE,
+    SPLITS,
+    mask_folder,
+    split_folder,
+    staged_layout,
+    write_case,
+)
 from brainvq.data.volumes import foreground_box, foreground_points, framed_grid, load_volume, scale_to_uint8
 from brainvq.errors import ConfigError, DataError
 
@@ -64,6 +76,8 @@ def make_demo_cohort(
 ) -> dict:
     """Write a synthetic cohort in the OASIS layout (256x256 8-bit PNGs, 32 slices per case) to ``out_dir``.
 
+    Each slice's segmentation mask (see :func:`_tissue_labels`) goes to ``keras_png_slices_seg_<split>``.
+
     Cases are numbered consecutively across splits (train first), as OASIS uses disjoint case numbers per
     split. Case k's images depend only on ``seed`` and k, so the same seed always gives the same bytes. The
     cohort is built in a temporary folder and renamed into place at the end; a non-empty ``out_dir`` is
@@ -80,12 +94,13 @@ def make_demo_cohort(
     splits = [split for split, count in counts.items() for _ in range(count)]
     case_seeds = np.random.SeedSequence(seed).spawn(len(splits))
     coverages = []
-    with staged_layout(out_dir) as staging:
+    with staged_layout(out_dir, masks=True) as staging:
         for case_number, (split, case_seed) in enumerate(
             tqdm(list(zip(splits, case_seeds, strict=True)), desc="demo", unit="case", disable=not progress), start=1
         ):
-            slices = _synthesize_case(template, np.random.default_rng(case_seed))
+            slices, masks = _synthesize_case(template, np.random.default_rng(case_seed))
             write_case(split_folder(staging, split), case_number, slices)
+            write_case(mask_folder(staging, split), case_number, masks, prefix="seg")
             coverages.append(np.count_nonzero(slices[len(slices) // 2]) / slices[0].size)
     return {
         "cases": counts,
@@ -137,8 +152,8 @@ def _draw_subject(rng: np.random.Generator) -> _Subject:
 
 def _synthesize_case(
     template: _Template, rng: np.random.Generator, n_slices: int = SLICES_PER_CASE, size: int = IMAGE_SIZE
-) -> np.ndarray:
-    """One pseudo-subject's axial slices, uint8 [n_slices, size, size]."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pseudo-subject's axial slices and their masks, both uint8 [n_slices, size, size]."""
     subject = _draw_subject(rng)
     centre = template.box.mean(axis=1)
     subject_centre = centre + subject.shift
@@ -164,7 +179,28 @@ def _synthesize_case(
     sigma = subject.noise * np.percentile(values[brain], 99.5)
     noise = rng.standard_normal((2, *values.shape), dtype=np.float32) * sigma
     values = np.where(brain, np.hypot(values + noise[0], noise[1]), 0)  # Rician: magnitude of complex noise
-    return scale_to_uint8(values, 0, np.percentile(values[brain], 99.5) * 255 / subject.robust_max)
+    images = scale_to_uint8(values, 0, np.percentile(values[brain], 99.5) * 255 / subject.robust_max)
+    # The background is where the image is 0, not where the sampled template was: brain pixels that round to
+    # 0 would otherwise be labelled tissue on a black image.
+    return images, _tissue_labels(template, voxels, images > 0)
+
+
+def _tissue_labels(template: _Template, voxels: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The segmentation mask of a case's slices, uint8 [n_slices, H, W] of :data:`MASK_VALUES`.
+
+    ``voxels`` (float [3, n_slices, H, W]) are the template voxel coordinates the T1 was sampled at, so the
+    labels follow the case's affine and deformation exactly. Each pixel of ``brain`` (bool [n_slices, H, W])
+    gets the most probable of CSF, grey and white matter; the rest is background.
+    """
+    # No random draws here: the images of a seed stay what they were before cases had masks.
+    probabilities = np.stack(
+        [
+            ndimage.map_coordinates(tissue, voxels, order=1, mode="constant", cval=0.0)
+            for tissue in (template.csf, template.grey, template.white)
+        ]
+    )
+    labels = np.asarray(MASK_VALUES[1:], dtype=np.uint8)[probabilities.argmax(axis=0)]
+    return np.where(brain, labels, 0).astype(np.uint8)
 
 
 def _smooth_field(

@@ -5,8 +5,14 @@ The OASIS "keras_png_slices" layout is::
     DIR/keras_png_slices_{train,validate,test}/case_NNN_slice_S.nii.png
 
 with 256x256 8-bit grayscale PNGs, 32 axial slices per case (S = 0..31, not zero padded) and whole cases per
-split. Any other folder of ``<case>_slice_<S>.<png|jpg|...>`` images is accepted too; its cases are then
-assigned to splits here, deterministically, by :func:`split_cases`.
+split. Optional tissue segmentations lie beside them, one per slice::
+
+    DIR/keras_png_slices_seg_{train,validate,test}/seg_NNN_slice_S.nii.png
+
+uint8 masks holding only the values of :data:`MASK_VALUES` (background, CSF, grey matter, white matter).
+
+Any other folder of ``<case>_slice_<S>.<png|jpg|...>`` images is accepted too; its cases are then assigned to
+splits here, deterministically, by :func:`split_cases`.
 
 Everything that reads or writes these files goes through this module, so the naming rules live in one place.
 """
@@ -37,6 +43,11 @@ SLICES_PER_CASE = 32
 # Part of the foreground's inferior-superior extent that slices cut from a volume span, as fractions from its
 # bottom: the middle, where OASIS's slices lie, skipping the extreme bottom and top where there is almost no brain.
 AXIAL_RANGE = (0.25, 0.85)
+# The pixel values of a segmentation mask, in class-index order: background, CSF, grey matter, white matter.
+MASK_VALUES = (0, 85, 170, 255)
+# Pixel value -> class index of a mask; len(MASK_VALUES) marks values that are no label.
+_MASK_CLASSES = np.full(256, len(MASK_VALUES), dtype=np.uint8)
+_MASK_CLASSES[list(MASK_VALUES)] = np.arange(len(MASK_VALUES))
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 
 # (slices, cases) of each split of the full public OASIS keras_png_slices set.
@@ -69,9 +80,17 @@ def split_folder(data_dir: str | Path, split: str) -> Path:
     return Path(data_dir) / f"keras_png_slices_{split}"
 
 
-def slice_file_name(case_number: int, slice_index: int) -> str:
-    """The OASIS file name of a slice, e.g. ``slice_file_name(7, 12) == "case_007_slice_12.nii.png"``."""
-    return f"case_{case_number:03d}_slice_{slice_index}.nii.png"
+def mask_folder(data_dir: str | Path, split: str) -> Path:
+    """The folder holding one split's segmentation masks: ``data_dir/keras_png_slices_seg_<split>``."""
+    return split_folder(data_dir, split).with_name(f"keras_png_slices_seg_{split}")
+
+
+def slice_file_name(case_number: int, slice_index: int, prefix: str = "case") -> str:
+    """The OASIS file name of a slice, e.g. ``slice_file_name(7, 12) == "case_007_slice_12.nii.png"``.
+
+    ``prefix="seg"`` gives the name of its mask, ``seg_007_slice_12.nii.png``.
+    """
+    return f"{prefix}_{case_number:03d}_slice_{slice_index}.nii.png"
 
 
 def parse_slice_name(path_or_name: str | Path) -> SliceName:
@@ -166,6 +185,57 @@ def split_files(data_dir: str | Path, split: str, *, seed: int = 0) -> list[Path
             "no keras_png_slices_{train,validate,test} folders and no <case>_slice_<S>.png images", data_dir
         )
     return group_by_split(list_slices(data_dir), seed=seed)[split]
+
+
+def mask_file_name(slice_path: str | Path) -> str:
+    """The name of a slice's mask: ``case_007_slice_3.nii.png`` gives ``seg_007_slice_3.nii.png``."""
+    return "seg_" + Path(slice_path).name.removeprefix("case_")
+
+
+def split_masks(data_dir: str | Path, split: str, files: list[Path]) -> list[Path] | None:
+    """The mask of each slice of ``files`` (one split's :func:`split_files`), in the same order.
+
+    None where ``data_dir`` has no OASIS split folders or no ``keras_png_slices_seg_<split>`` folder: such
+    slices simply have no masks. Raises DataError naming the first slice without a mask, or else the first
+    mask without a slice (each split's masks must be exactly its slices').
+    """
+    folder = mask_folder(data_dir, split)
+    if not find_splits(data_dir) or not folder.is_dir():
+        return None
+    pairs, missing, unpaired = pair_masks(folder, files)
+    if missing:
+        raise DataError(f"slice has no mask ({mask_file_name(missing[0])} is not in {folder})", missing[0])
+    if unpaired:
+        raise DataError(f"mask has no slice in {split_folder(data_dir, split)}", unpaired[0])
+    return [pairs[path] for path in files]
+
+
+def pair_masks(folder: Path, slices: Iterable[Path]) -> tuple[dict[Path, Path], list[Path], list[Path]]:
+    """Pair slice files with the masks in ``folder`` by name (:func:`mask_file_name`).
+
+    Returns ``({slice: mask}, slices without a mask, masks without a slice)``, the lists in the given and in
+    name order.
+    """
+    masks = {path.name: path for path in image_files(folder)}
+    pairs, missing = {}, []
+    for path in slices:
+        if (mask := masks.pop(mask_file_name(path), None)) is None:
+            missing.append(path)
+        else:
+            pairs[path] = mask
+    return pairs, missing, list(masks.values())
+
+
+def mask_classes(pixels: np.ndarray, path: str | Path) -> np.ndarray:
+    """A decoded mask's class indices, uint8 [H, W] of 0..3 (positions in :data:`MASK_VALUES`).
+
+    Raises DataError naming the file (and up to five of the values) if it holds values other than those.
+    """
+    classes = _MASK_CLASSES[pixels]
+    if (bad := classes == len(MASK_VALUES)).any():
+        values = ", ".join(str(value) for value in np.unique(pixels[bad])[:5])
+        raise DataError(f"mask holds values other than {', '.join(map(str, MASK_VALUES))} ({values})", path)
+    return classes
 
 
 def _refuse_shared_cases(files: list[Path], split: str, folders: dict[str, Path]) -> None:
@@ -297,10 +367,13 @@ def size_problem(image: Image.Image) -> str | None:
     return f"image is {image.width}x{image.height}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
 
 
-def write_case(folder: Path, case_number: int, slices: np.ndarray) -> None:
-    """Write one case's slices (uint8 [n_slices, H, W]) as ``case_NNN_slice_S.nii.png`` in ``folder``."""
+def write_case(folder: Path, case_number: int, slices: np.ndarray, prefix: str = "case") -> None:
+    """Write one case's slices (uint8 [n_slices, H, W]) as ``<prefix>_NNN_slice_S.nii.png`` in ``folder``.
+
+    ``prefix="seg"`` writes masks under OASIS's segmentation names.
+    """
     for slice_index, image in enumerate(slices):
-        path = folder / slice_file_name(case_number, slice_index)
+        path = folder / slice_file_name(case_number, slice_index, prefix)
         try:
             Image.fromarray(image).save(path)  # uint8 [H, W] gives mode L
         except OSError as error:
@@ -308,12 +381,13 @@ def write_case(folder: Path, case_number: int, slices: np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def staged_layout(out_dir: str | Path) -> Iterator[Path]:
+def staged_layout(out_dir: str | Path, *, masks: bool = False) -> Iterator[Path]:
     """Build a new OASIS-layout folder out of sight and move it to ``out_dir`` only once it is complete.
 
     Yields a temporary folder next to ``out_dir`` (same file system, so the final rename is atomic) that
-    already holds the three empty split folders. If the block raises, or the run is killed, no partial
-    ``out_dir`` is left behind. Refuses an ``out_dir`` that already holds files.
+    already holds the three empty split folders (with ``masks``, their three empty mask folders too). If the
+    block raises, or the run is killed, no partial ``out_dir`` is left behind. Refuses an ``out_dir`` that
+    already holds files.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -326,6 +400,8 @@ def staged_layout(out_dir: str | Path) -> Iterator[Path]:
     try:
         for split in SPLITS:
             split_folder(staging, split).mkdir()
+            if masks:
+                mask_folder(staging, split).mkdir()
         yield staging
         if out_dir.exists():
             out_dir.rmdir()  # empty, as checked above; renaming onto a folder fails on some platforms
