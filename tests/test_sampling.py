@@ -76,3 +76,12 @@ def test_choose_codes_is_inverse_cdf_with_temperature_and_top_k():
     assert {pick(u, top_k=2) for u in (0.01, 0.5, 0.99)} == {2, 3}
     # A low temperature concentrates the mass on the likeliest code.
     assert pick(0.05, temperature=0.05) == 3
+
+
+def test_sampling_shows_a_progress_bar_over_the_rows_only_when_asked(capsys):
+    model = trained_looking_model(grid_size=4)
+    uniforms = draw_uniforms(1, 4, torch.Generator().manual_seed(0))
+    quiet = sample_fast(model, uniforms, torch.tensor([3]))
+    assert capsys.readouterr().err == ""
+    assert torch.equal(sample_fast(model, uniforms, torch.tensor([3]), progress=True), quiet)
+    assert "sampling" in capsys.readouterr().err  # tqdm draws the bar on stderr

@@ -227,8 +227,8 @@ def _all_code_grids(run_dir: Path, data_dir: Path, device: str, precision: str) 
 
 
 def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
-             slice_position: int | list[int] | None = None, method: str = "fast",
-             device: str = "auto") -> tuple[torch.Tensor, torch.Tensor, float]:
+             slice_position: int | list[int] | None = None, method: str = "fast", device: str = "auto",
+             progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Sample `n` code grids from the run's prior and decode them with its VQ-VAE.
 
     Slice positions: `slice_position` for every sample, one per sample when a list, or drawn uniformly from
@@ -257,7 +257,7 @@ def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float =
     started = time.perf_counter()
     with tf32_off():  # so that fast and naive sampling agree on CUDA too (runtime.tf32_off says why)
         codes = samplers[method](prior.to(torch_device), uniforms, positions.to(torch_device),
-                                 temperature=temperature, top_k=top_k)
+                                 temperature=temperature, top_k=top_k, progress=progress)
     images = vqvae.to(torch_device).decode(codes).cpu()
     return images, positions, time.perf_counter() - started
 
@@ -275,7 +275,8 @@ def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> 
 
 
 def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = SAMPLES_EVALUATED,
-                     seed: int = 0, device: str = "auto", fid_weights: str | Path | None = None) -> dict[str, Any]:
+                     seed: int = 0, device: str = "auto", fid_weights: str | Path | None = None,
+                     progress: bool = True) -> dict[str, Any]:
     """How far `n` samples are from real slices, each measure beside the same measure on real slices; writes
     RUN/eval_samples.json, samples_grid.png, samples_by_position.png and real_vs_generated_by_position.png, and
     returns the figures. The samples cover every slice position equally (position i % positions for sample i).
@@ -302,7 +303,8 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     data_dir = _data_dir(run_dir, data_dir)
     prior, _ = load_prior(run_dir)
     positions = torch.arange(n) % prior.config.positions
-    generated, _, seconds = generate(run_dir, n, seed=seed, slice_position=positions.tolist(), device=device)
+    generated, _, seconds = generate(run_dir, n, seed=seed, slice_position=positions.tolist(), device=device,
+                                     progress=progress)
     splits = {split: load_split(data_dir, split) for split in ("train", "validate", "test")}
     real = {split: as_float_images(splits[split].images) for split in ("validate", "test")}
     training_groups = _training_groups(splits["train"], n)
@@ -424,7 +426,7 @@ def demo(run_dir: str | Path = "runs/demo", *, minutes: float = DEMO_MINUTES, se
     results["prior"] = train_prior(run_dir, train_config=TrainConfig(seed=seed, max_minutes=prior_minutes),
                                    resume=(run_dir / PRIOR_FOLDER / CONFIG_FILE).exists(),
                                    resume_overrides={"max_minutes": prior_minutes}, progress=progress)
-    results["samples"] = evaluate_samples(run_dir, seed=seed)
+    results["samples"] = evaluate_samples(run_dir, seed=seed, progress=progress)
     results["report"] = str(write_report(run_dir))
     return results
 

@@ -11,7 +11,11 @@ same inverse-CDF rule, so any difference between them would be a bug, which a te
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
+
 import torch
+from tqdm.auto import tqdm
 
 from brainvq.errors import ConfigError
 from brainvq.models.pixelcnn import GatedPixelCNN, layer_bias
@@ -31,6 +35,12 @@ def choose_codes(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: f
     return chosen.squeeze(1).clamp_max(logits.shape[1] - 1)
 
 
+def _rows(size: int, progress: bool) -> Iterable[int]:
+    """Row indices 0..size-1, shown as a progress bar with an ETA when `progress` (a batch can take minutes)."""
+    return tqdm(range(size), desc="sampling", unit="row", disable=not progress, leave=False, file=sys.stderr,
+                dynamic_ncols=True)
+
+
 def draw_uniforms(count: int, grid_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """The random numbers of a sampling run: [count, G, G] uniforms in [0, 1)."""
     return torch.rand(count, grid_size, grid_size, generator=generator)
@@ -38,12 +48,13 @@ def draw_uniforms(count: int, grid_size: int, generator: torch.Generator | None 
 
 @torch.no_grad()
 def sample_naive(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.Tensor | None = None, *,
-                 temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
-    """uniforms [B, G, G] -> code grids [B, G, G], by a full forward pass per position."""
+                 temperature: float = 1.0, top_k: int | None = None, progress: bool = False) -> torch.Tensor:
+    """uniforms [B, G, G] -> code grids [B, G, G], by a full forward pass per position (a progress bar over the
+    rows with `progress`)."""
     batch, size, _ = uniforms.shape
     device = next(model.parameters()).device
     codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
-    for row in range(size):
+    for row in _rows(size, progress):
         for column in range(size):
             logits = model(codes, positions)[:, :, row, column]
             codes[:, row, column] = choose_codes(logits, uniforms[:, row, column].to(device),
@@ -53,8 +64,9 @@ def sample_naive(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.
 
 @torch.no_grad()
 def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.Tensor | None = None, *,
-                temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
-    """uniforms [B, G, G] -> code grids [B, G, G], computing only what each new code changes.
+                temperature: float = 1.0, top_k: int | None = None, progress: bool = False) -> torch.Tensor:
+    """uniforms [B, G, G] -> code grids [B, G, G], computing only what each new code changes (a progress bar
+    over the rows with `progress`).
 
     This function only keeps the caches and calls the model's incremental steps in order: the layers' maths
     lives in the model (`first_*_step`, `GatedLayer.vertical_step` / `horizontal_step`, `BlockAttention.step`)."""
@@ -78,7 +90,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
     attention_inputs = {index: torch.zeros(batch, channels, size, size, device=device) for index in attention}
     caches = {index: block.nothing_yet_token(batch) for index, block in attention.items()}
 
-    for row in range(size):
+    for row in _rows(size, progress):
         for index, block in attention.items():
             if row and row % block.block == 0:  # the block row just above is complete: add its tokens
                 rows = slice(row - block.block, row)
