@@ -15,16 +15,15 @@ from brainvq.data.layout import (
     OASIS_COUNTS,
     SPLITS,
     SliceName,
-    grayscale_pixels,
     group_by_split,
     image_files,
     load_manifest,
-    mask_classes,
-    mask_file_name,
     mask_folder,
+    missing_mask_problem,
     pair_masks,
     parse_slice_name,
     read_image,
+    read_mask,
     size_problem,
     split_folder,
 )
@@ -142,15 +141,12 @@ def _check_masks(folder: Path, slices: list[Path], report: CheckReport) -> int:
     """Pair a split's slices with the masks in ``folder`` and check each mask; returns the number of pairs."""
     pairs, missing, unpaired = pair_masks(folder, slices)
     for path in missing:
-        report.add(path, f"slice has no mask ({mask_file_name(path)} is not in {folder})")
+        report.add(path, missing_mask_problem(path, folder))
     for path in unpaired:
         report.add(path, "mask has no slice")
     for mask in pairs.values():
         try:
-            image = read_image(mask)
-            if problem := size_problem(image):
-                raise DataError(problem, mask)
-            mask_classes(grayscale_pixels(image, mask), mask)
+            read_mask(mask)
         except DataError as error:
             report.problems.append(str(error))
     return len(pairs)

@@ -39,11 +39,9 @@ from brainvq.atomic import atomic_path, atomic_write_bytes
 from brainvq.data.cache import default_cache_dir, entry_paths, mark_used, prune
 from brainvq.data.layout import (
     IMAGE_SIZE,
-    grayscale_pixels,
-    mask_classes,
     parse_slice_name,
-    read_image,
-    size_problem,
+    read_mask,
+    read_slice,
     split_files,
     split_masks,
 )
@@ -125,20 +123,6 @@ def load_split(
         split=split,
         key=key,
     )
-
-
-def read_slice(path: Path) -> np.ndarray:
-    """Decode one slice image to uint8 [256, 256] following the module's decoding policy."""
-    image = read_image(path)
-    if problem := size_problem(image):
-        raise DataError(problem, path)
-    return grayscale_pixels(image, path)
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """Decode one segmentation mask to class indices, uint8 [256, 256] of 0..3 (see
-    :func:`~brainvq.data.layout.mask_classes`)."""
-    return mask_classes(read_slice(path), path)
 
 
 def _cache_key(files: list[Path]) -> str:

@@ -204,10 +204,15 @@ def split_masks(data_dir: str | Path, split: str, files: list[Path]) -> list[Pat
         return None
     pairs, missing, unpaired = pair_masks(folder, files)
     if missing:
-        raise DataError(f"slice has no mask ({mask_file_name(missing[0])} is not in {folder})", missing[0])
+        raise DataError(missing_mask_problem(missing[0], folder), missing[0])
     if unpaired:
         raise DataError(f"mask has no slice in {split_folder(data_dir, split)}", unpaired[0])
     return [pairs[path] for path in files]
+
+
+def missing_mask_problem(slice_path: Path, folder: Path) -> str:
+    """What is wrong with a slice whose mask is not in the segmentation ``folder``."""
+    return f"slice has no mask ({mask_file_name(slice_path)} is not in {folder})"
 
 
 def pair_masks(folder: Path, slices: Iterable[Path]) -> tuple[dict[Path, Path], list[Path], list[Path]]:
@@ -408,3 +413,17 @@ def staged_layout(out_dir: str | Path, *, masks: bool = False) -> Iterator[Path]
         os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_slice(path: Path) -> np.ndarray:
+    """Decode one slice image to uint8 [256, 256] following the decoding policy of :func:`grayscale_pixels`."""
+    image = read_image(path)
+    if problem := size_problem(image):
+        raise DataError(problem, path)
+    return grayscale_pixels(image, path)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Decode one segmentation mask to class indices, uint8 [256, 256] of 0..3 (see
+    :func:`~brainvq.data.layout.mask_classes`)."""
+    return mask_classes(read_slice(path), path)
