@@ -98,7 +98,7 @@ def main() -> None:
             uniforms = draw_uniforms(batch, grid, generator)
             result: dict[str, torch.Tensor] = {}
             sample_seconds = seconds(lambda: result.setdefault("codes", sample_fast(prior, uniforms, positions)))
-            decode_seconds = seconds(lambda: vqvae_fp32.decode(result["codes"]).cpu())
+            decode_seconds = seconds(lambda: vqvae_fp32.decode(result["codes"])[0].cpu())
             parts = generated.setdefault(batch, {"sample": [], "decode": [], "total": []})
             parts["sample"].append(sample_seconds)
             parts["decode"].append(decode_seconds)

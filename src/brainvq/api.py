@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Dataset, Subset
 
 from brainvq.codes import CodeGrids, code_grids
 from brainvq.config import (
@@ -27,10 +27,11 @@ from brainvq.config import (
     load_json,
     save_json,
 )
-from brainvq.data.dataset import SliceDataset, load_split
+from brainvq.data.dataset import SliceDataset, SliceSet, load_split
 from brainvq.data.demo import make_demo_cohort
+from brainvq.data.layout import MASK_VALUES, mask_file_name, mask_folder, mask_pixels
 from brainvq.distributed import barrier, is_main, process_group
-from brainvq.errors import CheckpointError, ConfigError
+from brainvq.errors import CheckpointError, ConfigError, DataError
 from brainvq.images import save_grid, save_png, to_uint8
 from brainvq.metrics.inception import load_inception
 from brainvq.metrics.position import PositionRegressor
@@ -42,6 +43,7 @@ from brainvq.metrics.samples import (
     mean_pairwise_ms_ssim,
     nearest_ssim,
 )
+from brainvq.metrics.segmentation import TISSUE_NAMES, IntensityRanges
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.reconstruction import measure_reconstructions, reconstruct_batches
@@ -54,6 +56,7 @@ from brainvq.run import (
     PRIOR_FOLDER,
     REAL_VS_GENERATED,
     SAMPLE_EVALUATION,
+    SAMPLE_PAIRS,
     SAMPLES_BY_POSITION,
     SAMPLES_GRID,
     evaluation_file,
@@ -63,6 +66,7 @@ from brainvq.run import (
     read_run_config,
     reconstruction_grid,
     resumed_train_config,
+    sample_mask_path,
     write_run_config,
 )
 from brainvq.runtime import prepare_module, resolve_device, resolve_precision, seed_everything, tf32_off
@@ -84,14 +88,17 @@ def train_vqvae(data_dir: str | Path, run_dir: str | Path, *, model_config: VQVA
                 resume_overrides: dict[str, Any] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Train a VQ-VAE on `data_dir`'s train split, validating on its validate split; returns the history.
 
-    A new run needs an empty or absent `run_dir`. With `resume=True` the run's own config.json is used,
+    Without `model_config` the model is `default_vqvae_config(data_dir)`. A new run needs an empty or absent
+    `run_dir`. With `resume=True` the run's own config.json is used,
     with `resume_overrides` (e.g. a larger `epochs`) applied to the training config.
     """
     run_dir = Path(run_dir)
-    model_config, train_config = _run_settings(run_dir, VQVAEConfig, model_config or VQVAEConfig(), train_config,
+    train_slices = load_split(data_dir, "train", progress=progress)
+    model_config = model_config or default_vqvae_config(data_dir)
+    model_config, train_config = _run_settings(run_dir, VQVAEConfig, model_config, train_config,
                                                resume=resume, overrides=resume_overrides, data_dir=data_dir)
-    train_set = SliceDataset(load_split(data_dir, "train", progress=progress))
-    validation_set = SliceDataset(load_split(data_dir, "validate", progress=progress))
+    train_set = _slice_dataset(train_slices, model_config, data_dir)
+    validation_set = _slice_dataset(load_split(data_dir, "validate", progress=progress), model_config, data_dir)
     with process_group(train_config.device) as device:
         seed_everything(train_config.seed)  # the initial weights
         model = prepare_module(VQVAE(model_config), device, train_config.precision)
@@ -102,15 +109,24 @@ def train_vqvae(data_dir: str | Path, run_dir: str | Path, *, model_config: VQVA
         return train(task, train_set, run_dir, train_config, device, resume=resume, progress=progress)
 
 
+def default_vqvae_config(data_dir: str | Path, *, labels: bool = True, **options: Any) -> VQVAEConfig:
+    """The VQ-VAE a run gets unless told otherwise: VQVAEConfig's defaults with `options` (other VQVAEConfig
+    fields) over them, made joint (images and tissue label maps, models/vqvae.py) when the training slices of
+    `data_dir` have segmentation masks, unless `labels` is False."""
+    has_masks = load_split(data_dir, "train").labels is not None
+    return VQVAEConfig(label_classes=len(MASK_VALUES) if labels and has_masks else 0, **options)
+
+
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test", device: str = "auto",
              precision: str | None = None, batch_size: int = 32, checkpoint: str = "best") -> dict[str, Any]:
     """Reconstruction quality of the run's VQ-VAE (its `checkpoint`, "best" or "last") on `split` of `data_dir`
     (default: the folder it was trained on): writes eval_<split>.json and recon_<split>.png (originals above
-    reconstructions) into the run folder and returns the figures."""
+    reconstructions; for a joint model, true label maps above decoded ones below them) into the run folder and
+    returns the figures (with Dice per tissue class for a joint model)."""
     run_dir = Path(run_dir)
     data_dir = _data_dir(run_dir, data_dir)
     model, metadata, torch_device, precision = _ready_vqvae(run_dir, device, precision, checkpoint)
-    dataset = SliceDataset(load_split(data_dir, split))
+    dataset = _slice_dataset(load_split(data_dir, split), model.config, data_dir)
     results = measure_reconstructions(model, dataset, device=torch_device, precision=precision,
                                       batch_size=batch_size)
     results |= {"split": split, "data_dir": str(Path(data_dir).resolve()), "checkpoint": checkpoint,
@@ -124,17 +140,22 @@ def reconstruct(run_dir: str | Path, out_dir: str | Path, *, data_dir: str | Pat
                 device: str = "auto", precision: str | None = None, batch_size: int = 32,
                 checkpoint: str = "best") -> int:
     """Write each reconstruction of `split` (of `data_dir`, default the run's own data) as an 8-bit PNG named
-    like its input into `out_dir`; returns the count."""
+    like its input into `out_dir`, with (joint model) its decoded label map beside it under the mask's OASIS
+    name (seg_NNN_slice_S.nii.png, values 0/85/170/255); returns the count of slices."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     data_dir = _data_dir(run_dir, data_dir)
     model, _, torch_device, precision = _ready_vqvae(run_dir, device, precision, checkpoint)
     slices = load_split(data_dir, split)
     files = iter(slices.files)
     count = 0
-    for _, reconstructions, _ in reconstruct_batches(model, SliceDataset(slices), device=torch_device,
-                                                     precision=precision, batch_size=batch_size):
-        for image in to_uint8(reconstructions):
-            save_png(image, out_dir / next(files).name)
+    for batch in reconstruct_batches(model, _slice_dataset(slices, model.config, data_dir), device=torch_device,
+                                     precision=precision, batch_size=batch_size):
+        label_maps = [None] * len(batch.codes) if batch.reconstructed_labels is None else batch.reconstructed_labels
+        for image, label_map in zip(to_uint8(batch.reconstructions), label_maps, strict=True):
+            file = next(files)
+            save_png(image, out_dir / file.name)
+            if label_map is not None:
+                save_png(mask_pixels(label_map.numpy()), out_dir / mask_file_name(file))
             count += 1
     return count
 
@@ -226,14 +247,25 @@ def _all_code_grids(run_dir: Path, data_dir: Path, device: str, precision: str) 
             for split in ("train", "validate", "test")}
 
 
+@dataclasses.dataclass
+class Generated:
+    """What `generate` made, on the CPU: images float32 [n, 1, S, S] in [0, 1], their label maps (class indices
+    int64 [n, S, S]) where the VQ-VAE is joint, else None, the slice positions [n], and the seconds taken."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    positions: torch.Tensor
+    seconds: float
+
+
 def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
              slice_position: int | list[int] | None = None, method: str = "fast", device: str = "auto",
-             progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Sample `n` code grids from the run's prior and decode them with its VQ-VAE.
+             progress: bool = True) -> Generated:
+    """Sample `n` code grids from the run's prior and decode them with its VQ-VAE (into slices and, for a joint
+    VQ-VAE, their label maps).
 
     Slice positions: `slice_position` for every sample, one per sample when a list, or drawn uniformly from
-    the prior's positions (0..31 for OASIS) when None.
-    Returns (images float32 [n, 1, S, S] in [0, 1] on the CPU, positions [n], seconds taken)."""
+    the prior's positions (0..31 for OASIS) when None."""
     samplers = {"fast": sample_fast, "naive": sample_naive}
     if method not in samplers:
         raise ConfigError(f"method must be 'fast' or 'naive', not {method!r}")
@@ -258,20 +290,27 @@ def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float =
     with tf32_off():  # so that fast and naive sampling agree on CUDA too (runtime.tf32_off says why)
         codes = samplers[method](prior.to(torch_device), uniforms, positions.to(torch_device),
                                  temperature=temperature, top_k=top_k, progress=progress)
-    images = vqvae.to(torch_device).decode(codes).cpu()
-    return images, positions, time.perf_counter() - started
+    images, labels = vqvae.to(torch_device).decode(codes)
+    return Generated(images.cpu(), None if labels is None else labels.cpu(), positions,
+                     time.perf_counter() - started)
 
 
 def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> dict[str, Any]:
-    """`generate` (same options), then write one PNG per sample and samples_grid.png into `out_dir`."""
+    """`generate` (same options), then write one PNG per sample (sample_0000_slice_12.png), for a joint VQ-VAE
+    its label map beside it (sample_0000_slice_12_seg.png, OASIS mask values 0/85/170/255), and
+    samples_grid.png into `out_dir`."""
     out_dir = Path(out_dir)
-    images, positions, seconds = generate(run_dir, n, **options)
-    files = [out_dir / f"sample_{index:04d}_slice_{position}.png" for index, position in enumerate(positions.tolist())]
-    pixels = to_uint8(images)
-    for image, file in zip(pixels, files, strict=True):
+    generated = generate(run_dir, n, **options)
+    files = [out_dir / f"sample_{index:04d}_slice_{position}.png"
+             for index, position in enumerate(generated.positions.tolist())]
+    pixels = to_uint8(generated.images)
+    for index, (image, file) in enumerate(zip(pixels, files, strict=True)):
         save_png(image, file)
+        if generated.labels is not None:
+            save_png(mask_pixels(generated.labels[index].numpy()), sample_mask_path(file))
     _save_tiles(pixels, out_dir / SAMPLES_GRID)
-    return {"n": n, "seconds": seconds, "positions": positions.tolist(), "files": [str(file) for file in files]}
+    return {"n": n, "seconds": generated.seconds, "positions": generated.positions.tolist(),
+            "files": [str(file) for file in files], "labelled": generated.labels is not None}
 
 
 def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = SAMPLES_EVALUATED,
@@ -290,6 +329,9 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
       test, with as many images a side.
     - "diversity_ms_ssim" (mean MS-SSIM between pairs, lower is more varied) and "nearest_train_ssim"
       (memorisation), samples beside real test slices.
+    - "label_agreement" (joint VQ-VAE only): the share of labelled pixels whose intensity lies in their tissue's
+      range learnt on the training pairs, for generated pairs beside real and reconstructed test pairs; and
+      sample_pairs.png (real test slices and masks above generated slices and label maps).
 
     With `fid_weights` (FID Inception weights as safetensors, see scripts/convert_fid_weights.py) the figures
     include "fid" between samples and as many real test slices; FID is biased upwards at small n, so compare
@@ -303,56 +345,78 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     data_dir = _data_dir(run_dir, data_dir)
     prior, _ = load_prior(run_dir)
     positions = torch.arange(n) % prior.config.positions
-    generated, _, seconds = generate(run_dir, n, seed=seed, slice_position=positions.tolist(), device=device,
-                                     progress=progress)
+    generated = generate(run_dir, n, seed=seed, slice_position=positions.tolist(), device=device, progress=progress)
+    samples = generated.images
     splits = {split: load_split(data_dir, split) for split in ("train", "validate", "test")}
     real = {split: as_float_images(splits[split].images) for split in ("validate", "test")}
     training_groups = _training_groups(splits["train"], n)
     vqvae, _, vqvae_device, precision = _ready_vqvae(run_dir, device, None)
+    datasets = {split: _slice_dataset(slices, vqvae.config, data_dir) for split, slices in splits.items()}
 
-    def reconstructed(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([reconstructions for _, reconstructions, _ in reconstruct_batches(
-            vqvae, TensorDataset(images, torch.zeros(len(images))), device=vqvae_device, precision=precision)])
+    def reconstructed(dataset: Dataset) -> torch.Tensor:
+        return torch.cat([batch.reconstructions for batch in reconstruct_batches(
+            vqvae, dataset, device=vqvae_device, precision=precision)])
 
     half = n // 2
-    candidates = {"samples": (generated[:half], generated[half:]),
+    candidates = {"samples": (samples[:half], samples[half:]),
                   "real": tuple(as_float_images(splits["train"].images[group]) for group in training_groups)}
     c2st_results = {}
     for form in ("raw", "reconstructed"):
-        against = real if form == "raw" else {split: reconstructed(images) for split, images in real.items()}
+        against = real if form == "raw" else {split: reconstructed(datasets[split]) for split in real}
         for name, (first, second) in candidates.items():
             if form == "reconstructed" and name == "real":
-                first, second = reconstructed(first), reconstructed(second)
+                first, second = (reconstructed(Subset(datasets["train"], group)) for group in training_groups)
             c2st_results[f"{name}_vs_{form}"] = c2st((first, against["validate"]), (second, against["test"]),
                                                      seed=seed)
+    train_images = as_float_images(splits["train"].images)
     train_positions = torch.from_numpy(splits["train"].slice_indices)
-    regressor = PositionRegressor(as_float_images(splits["train"].images), train_positions, prior.config.positions,
-                                  seed=seed)
+    regressor = PositionRegressor(train_images, train_positions, prior.config.positions, seed=seed)
     test_positions = torch.from_numpy(splits["test"].slice_indices)
     count = min(n, len(real["validate"]), len(real["test"]))  # the same n on both sides of each distance
     test_features = regressor.features(real["test"][:count])
-    nearest = {"samples": nearest_ssim(generated, splits["train"].images),
+    nearest = {"samples": nearest_ssim(samples, splits["train"].images),
                "real_test": nearest_ssim(real["test"], splits["train"].images)}
     results = {
         "n_generated": n,
         "c2st": c2st_results,
-        "position_error": {"samples": regressor.mean_absolute_error(generated, positions),
+        "position_error": {"samples": regressor.mean_absolute_error(samples, positions),
                            "real_test": regressor.mean_absolute_error(real["test"], test_positions)},
-        "frechet": {"samples_vs_test": frechet_distance(regressor.features(generated[:count]), test_features),
+        "frechet": {"samples_vs_test": frechet_distance(regressor.features(samples[:count]), test_features),
                     "validation_vs_test": frechet_distance(regressor.features(real["validate"][:count]),
                                                            test_features),
                     "n_per_side": count},
-        "diversity_ms_ssim": {"samples": mean_pairwise_ms_ssim(generated),
+        "diversity_ms_ssim": {"samples": mean_pairwise_ms_ssim(samples),
                               "real_test": mean_pairwise_ms_ssim(real["test"])},
         "nearest_train_ssim": {name: _summary(values) for name, values in nearest.items()},
         "prior_nll_bits_per_code": prior_nll,
-        "seconds_per_generated_image": seconds / n,
+        "seconds_per_generated_image": generated.seconds / n,
     }
+    if generated.labels is not None:
+        results["label_agreement"] = _label_agreement(train_images, splits, generated, datasets["test"], vqvae,
+                                                      vqvae_device, precision)
     if inception is not None:
-        results["fid"] = fid(real["test"][:count].to(torch_device), generated[:count].to(torch_device), inception)
+        results["fid"] = fid(real["test"][:count].to(torch_device), samples[:count].to(torch_device), inception)
     save_json(run_dir / SAMPLE_EVALUATION, results)
-    _save_sample_pictures(run_dir, generated, positions, real["test"], test_positions, seed)
+    _save_sample_pictures(run_dir, samples, positions, real["test"], test_positions, seed)
+    if generated.labels is not None:
+        _save_sample_pairs(run_dir / SAMPLE_PAIRS, generated, splits["test"])
     return results
+
+
+def _label_agreement(train_images: torch.Tensor, splits: dict[str, SliceSet], generated: Generated,
+                     test_set: Dataset, vqvae: VQVAE, device: torch.device, precision: str) -> dict[str, Any]:
+    """How often generated label maps agree with their slices by the tissue intensity ranges of the training
+    pairs (metrics/segmentation.py), beside real test pairs and the VQ-VAE's reconstructed test pairs."""
+    rule = IntensityRanges(train_images, torch.from_numpy(np.asarray(splits["train"].labels)))
+    batches = list(reconstruct_batches(vqvae, test_set, device=device, precision=precision))
+    reconstructions = torch.cat([batch.reconstructions for batch in batches])
+    reconstructed_labels = torch.cat([batch.reconstructed_labels for batch in batches])
+    test = splits["test"]
+    return {"samples": rule.agreement(generated.images, generated.labels),
+            "real_test": rule.agreement(as_float_images(test.images), torch.from_numpy(np.asarray(test.labels))),
+            "reconstructed_test": rule.agreement(reconstructions, reconstructed_labels),
+            "ranges": {name: [float(value) for value in bounds]
+                       for name, bounds in zip(TISSUE_NAMES, rule.ranges, strict=True)}}
 
 
 def _training_groups(train: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -386,6 +450,17 @@ def _save_sample_pictures(run_dir: Path, generated: torch.Tensor, positions: tor
         rows += [np.stack([real_pixels[m[0]] if len(m) else blank for m in matching] + padding),
                  np.stack([pixels[index] for index in shown] + padding)]
     _save_tiles(np.concatenate(rows), run_dir / REAL_VS_GENERATED)
+
+
+def _save_sample_pairs(path: Path, generated: Generated, test: SliceSet, shown: int = 8) -> None:
+    """Rows: real test slices at `shown` positions spread over the range, their masks, generated slices of the
+    same positions and their generated label maps."""
+    positions = generated.positions.numpy()
+    chosen = [int(np.flatnonzero(positions == position)[0])
+              for position in np.unique(positions)[np.linspace(0, len(np.unique(positions)) - 1, shown).astype(int)]]
+    real = [int(np.flatnonzero(test.slice_indices == positions[index])[0]) for index in chosen]
+    save_grid([np.asarray(test.images[real]), mask_pixels(np.asarray(test.labels[real])),
+               to_uint8(generated.images[chosen]), mask_pixels(generated.labels[chosen].numpy())], path)
 
 
 def _number(values: Any, key: str, source: Path) -> float:
@@ -450,8 +525,20 @@ def _ready_vqvae(run_dir: Path, device: str, precision: str | None,
 
 def _save_reconstruction_grid(model: VQVAE, dataset: SliceDataset, path: Path, device: Any,
                               precision: str) -> None:
-    """Evenly spaced slices of the split, originals above their reconstructions."""
+    """Evenly spaced slices of the split, originals above their reconstructions (joint model: then the true
+    label maps above the decoded ones)."""
     chosen = np.linspace(0, len(dataset) - 1, min(RECON_GRID_IMAGES, len(dataset))).astype(int)
-    originals, reconstructions, _ = next(reconstruct_batches(model, Subset(dataset, chosen), device=device,
-                                                             precision=precision, batch_size=len(chosen)))
-    save_grid([to_uint8(originals), to_uint8(reconstructions)], path)
+    batch = next(reconstruct_batches(model, Subset(dataset, chosen), device=device, precision=precision,
+                                     batch_size=len(chosen)))
+    rows = [to_uint8(batch.originals), to_uint8(batch.reconstructions)]
+    if batch.labels is not None:
+        rows += [mask_pixels(batch.labels.numpy()), mask_pixels(batch.reconstructed_labels.numpy())]
+    save_grid(rows, path)
+
+
+def _slice_dataset(slices: SliceSet, model_config: VQVAEConfig, data_dir: str | Path) -> SliceDataset:
+    """`slices` for a VQ-VAE with `model_config`; a joint model needs the split's masks."""
+    if model_config.label_classes and slices.labels is None:
+        raise DataError(f"the VQ-VAE encodes tissue label maps with the slices, but the {slices.split} split has "
+                        f"no masks ({mask_folder(data_dir, slices.split).name})", data_dir)
+    return SliceDataset(slices)

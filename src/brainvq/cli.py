@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--code-dim", type=positive_int,
                           help=f"dimension of each code (default {VQVAE_DEFAULTS.code_dim})")
     training.add_argument("--no-ema", action="store_true", help="learn the codebook by gradients, not EMA")
+    training.add_argument("--no-labels", action="store_true",
+                          help="images only, even where the data has segmentation masks (by default the VQ-VAE "
+                               "then encodes and decodes each slice's tissue label map with it)")
+    training.add_argument("--label-weight", type=number, default=None,
+                          help="weight of the label maps' cross-entropy beside the images' squared error "
+                               f"(default {VQVAE_DEFAULTS.label_weight})")
     training.set_defaults(handler=run_train_vqvae)
 
     evaluation = commands.add_parser("evaluate", help="SSIM, PSNR and codebook usage of a run on a split")
@@ -313,9 +319,11 @@ def run_train_vqvae(args: argparse.Namespace) -> None:
         return
     if args.data is None:
         raise_usage("train-vqvae: --data is required unless --resume is given")
-    model_options = {"downsample": args.downsample, "codebook_size": args.codebook_size, "code_dim": args.code_dim}
-    model_config = VQVAEConfig(ema=not args.no_ema,
-                               **{name: value for name, value in model_options.items() if value is not None})
+    model_options = {"downsample": args.downsample, "codebook_size": args.codebook_size, "code_dim": args.code_dim,
+                     "label_weight": args.label_weight}
+    model_config = api.default_vqvae_config(args.data, labels=not args.no_labels, ema=not args.no_ema,
+                                            **{name: value for name, value in model_options.items()
+                                               if value is not None})
     api.train_vqvae(args.data, args.out, model_config=model_config, train_config=TrainConfig(**given),
                     progress=not args.quiet)
 

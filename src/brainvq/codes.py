@@ -21,10 +21,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from brainvq.atomic import atomic_path, atomic_write_bytes, remove_stale_temporaries
-from brainvq.data.dataset import SliceDataset, load_split
+from brainvq.data.dataset import SliceDataset, load_split, prepare_batch
 from brainvq.models.vqvae import VQVAE
 from brainvq.run import BEST_CHECKPOINT, CODES_FOLDER
-from brainvq.runtime import autocast, prepare_images
+from brainvq.runtime import autocast
 
 
 @dataclass
@@ -40,12 +40,13 @@ class CodeGrids:
 @torch.no_grad()
 def encode_dataset(model: VQVAE, dataset: SliceDataset, *, device: torch.device, precision: str,
                    batch_size: int = 32) -> np.ndarray:
-    """All images of `dataset` -> code grids uint8 [N, G, G], in data set order."""
+    """All images of `dataset` (with their label maps, for a joint model) -> code grids uint8 [N, G, G], in data
+    set order."""
     model.eval()
     grids = []
-    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         with autocast(device, precision):
-            grids.append(model.encode(prepare_images(images, device, precision)).to(torch.uint8).cpu())
+            grids.append(model.encode(*prepare_batch(batch, device, precision)).to(torch.uint8).cpu())
     return torch.cat(grids).numpy()
 
 

@@ -41,6 +41,9 @@ MAX_GRAD_NORM = 1.0
 # The demo's training minutes (sampling, evaluation and the report come on top: 25 minutes in all on a 2-core
 # CPU) and the VQ-VAE's share of them. The VQ-VAE's validation SSIM levels off after about 6 CPU minutes (0.956
 # at 6 min, 0.962 at 12 min) while the prior keeps improving for as long as it trains: the prior gets the most.
+# Cross-entropy (nats per pixel) is ~30x the image's mean squared error once both are trained, so an equal weight
+# would let the label map crowd the images out of the codes; this keeps the image's share of the loss leading.
+LABEL_WEIGHT = 0.05
 DEMO_MINUTES = 16.0
 DEMO_VQVAE_SHARE = 0.35
 SAMPLES_EVALUATED = 256  # evaluate-samples' default n: 8 per OASIS slice position, 128 facing each held-out split
@@ -69,6 +72,10 @@ class VQVAEConfig:
     ema: bool = True  # codebook learnt by exponential moving averages instead of gradients
     ema_decay: float = 0.99
     restart_after_steps: int = 20  # a code unused for this many training steps is re-seeded from encoder outputs
+    # Tissue label maps encoded and decoded with the images (0: images only). 4 for OASIS masks: background, CSF,
+    # grey and white matter; train_vqvae picks it from the data unless a model config is given.
+    label_classes: int = 0
+    label_weight: float = LABEL_WEIGHT  # weight of the label map's cross-entropy beside the image's MSE
 
     def validate(self) -> None:
         _require(self.downsample in (2, 4, 8, 16), "downsample", "must be 2, 4, 8 or 16")
@@ -86,6 +93,9 @@ class VQVAEConfig:
         _require(self.beta >= 0, "beta", "must be >= 0")
         _require(0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
         _require(self.restart_after_steps >= 0, "restart_after_steps", "must be >= 0 (0 disables restarts)")
+        _require(self.label_classes == 0 or 2 <= self.label_classes <= 256, "label_classes",
+                 "must be 0 (images only) or 2..256")
+        _require(self.label_weight >= 0, "label_weight", "must be >= 0")
 
     @property
     def grid_size(self) -> int:

@@ -9,7 +9,7 @@
     RUN/prior/...                        the PixelCNN prior: the same layout with a PixelCNNConfig
     RUN/prior/eval_prior.json            its validation and test NLL
     RUN/eval_samples.json, samples_grid.png, samples_by_position.png, real_vs_generated_by_position.png
-                                         written by `evaluate-samples`
+                                         written by `evaluate-samples` (joint VQ-VAE: also sample_pairs.png)
     RUN/report.html                      written by `report`
 
 Every one of these names is defined here, once.
@@ -42,6 +42,7 @@ SAMPLE_EVALUATION = "eval_samples.json"
 SAMPLES_GRID = "samples_grid.png"
 SAMPLES_BY_POSITION = "samples_by_position.png"
 REAL_VS_GENERATED = "real_vs_generated_by_position.png"
+SAMPLE_PAIRS = "sample_pairs.png"  # real test slices and masks above generated slices and label maps
 REPORT_FILE = "report.html"
 CONFIG_SECTIONS = {"brainvq_version", "model", "train"}
 
@@ -54,6 +55,11 @@ def evaluation_file(split: str) -> str:
 def reconstruction_grid(split: str) -> str:
     """`evaluate`'s picture of a split: originals above reconstructions."""
     return f"recon_{split}.png"
+
+
+def sample_mask_path(sample_path: Path) -> Path:
+    """Where `sample` writes a generated slice's label map: sample_0000_slice_12.png -> sample_0000_slice_12_seg.png."""
+    return sample_path.with_name(f"{sample_path.stem}_seg{sample_path.suffix}")
 
 
 # Fields that define the optimisation itself: a resumed run must keep them, or it is no longer the same run.

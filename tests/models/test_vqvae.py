@@ -30,7 +30,7 @@ def test_encode_then_decode_equals_the_forward_reconstruction():
     output = model(images)
     codes = model.encode(images)
     assert torch.equal(codes, output.indices)
-    assert torch.allclose(model.decode(codes), output.reconstruction.clamp(0, 1), atol=1e-6)
+    assert torch.allclose(model.decode(codes)[0], output.reconstruction.clamp(0, 1), atol=1e-6)
 
 
 def test_loss_is_reconstruction_plus_codebook_plus_beta_commitment():
@@ -54,3 +54,57 @@ def test_gradients_reach_the_encoder_through_the_quantizer():
 def test_invalid_config_is_refused():
     with pytest.raises(ConfigError, match="downsample"):
         VQVAE(VQVAEConfig(downsample=3))
+
+
+JOINT = {**SMALL, "label_classes": 4, "label_weight": 0.3}
+
+
+def test_an_image_only_model_keeps_its_one_channel_input_and_output():
+    """So checkpoints made before joint models existed still load into VQVAEConfig's default."""
+    model = VQVAE(VQVAEConfig(**SMALL))
+    assert model.encoder.layers[0].weight.shape[1] == 1
+    assert model.decoder.layers[-1].weight.shape[1] == 1  # ConvTranspose2d: [in, out, k, k]
+    codes = model.encode(torch.rand(2, 1, 32, 32))
+    assert model.decode(codes)[1] is None
+
+
+def test_a_joint_model_reads_the_label_map_and_decodes_one():
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(**JOINT)).eval()
+    images, labels = torch.rand(2, 1, 32, 32), torch.randint(0, 4, (2, 32, 32), dtype=torch.uint8)
+    output = model(images, labels)
+    assert output.reconstruction.shape == (2, 1, 32, 32) and output.label_logits.shape == (2, 4, 32, 32)
+    codes = model.encode(images, labels)
+    assert torch.equal(codes, output.indices)
+    decoded_images, decoded_labels = model.decode(codes)
+    assert torch.allclose(decoded_images, output.reconstruction.clamp(0, 1), atol=1e-6)
+    assert torch.equal(decoded_labels, output.label_logits.argmax(1))
+    with pytest.raises(ValueError, match="label map"):
+        model.encode(images)
+
+
+def test_a_joint_loss_adds_the_weighted_cross_entropy_of_the_label_map():
+    model = VQVAE(VQVAEConfig(beta=0.5, **JOINT)).eval()
+    images, labels = torch.rand(2, 1, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    output = model(images, labels)
+    terms = model.loss(images, output, labels)
+    expected_labels = -torch.log_softmax(output.label_logits, 1).gather(1, labels[:, None]).mean()
+    assert torch.allclose(terms["labels"], expected_labels, atol=1e-6)
+    expected = terms["reconstruction"] + terms["codebook"] + 0.5 * terms["commitment"] + 0.3 * expected_labels
+    assert torch.allclose(terms["loss"], expected)
+
+
+def test_a_joint_model_encodes_the_label_map_and_decodes_it_back():
+    """Labels drawn independently of the image, so only the encoder's label channels can carry them: a few
+    hundred steps on one batch decode them almost exactly."""
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(**{**JOINT, "label_weight": 1.0}))
+    images = torch.rand(8, 1, 32, 32)
+    labels = torch.randint(0, 4, (8, 4, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)  # 8x8 blocks
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        optimizer.zero_grad()
+        model.loss(images, model(images, labels), labels)["loss"].backward()
+        optimizer.step()
+    _, decoded = model.eval().decode(model.encode(images, labels))
+    assert (decoded == labels).float().mean() > 0.95

@@ -46,6 +46,7 @@ from brainvq.data.layout import (
     split_masks,
 )
 from brainvq.errors import DataError
+from brainvq.runtime import prepare_images
 
 # Part of the cache key: bump it when decoding or the key changes so that caches made by older code are not
 # reused (2: the key samples each file's bytes; the index records what the entry was made from; 3: masks).
@@ -76,7 +77,8 @@ class SliceSet:
 
 
 class SliceDataset(Dataset):
-    """A SliceSet for torch: item ``i`` is (image float32 [1, 256, 256] in [0, 1], slice index)."""
+    """A SliceSet for torch: item ``i`` is (image float32 [1, 256, 256] in [0, 1], slice index), followed by
+    the label map (uint8 [256, 256] class indices) where the slices have masks."""
 
     def __init__(self, slices: SliceSet) -> None:
         self.slices = slices
@@ -84,9 +86,20 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.slices.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.slices.images[index].astype(np.float32) / 255
-        return torch.from_numpy(image).unsqueeze(0), int(self.slices.slice_indices[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        image = torch.from_numpy(self.slices.images[index].astype(np.float32) / 255).unsqueeze(0)
+        item = (image, int(self.slices.slice_indices[index]))
+        if self.slices.labels is None:
+            return item
+        return (*item, torch.from_numpy(np.array(self.slices.labels[index])))
+
+
+def prepare_batch(batch: tuple | list, device: torch.device,
+                  precision: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch of SliceDataset items -> (images [B, 1, 256, 256] as :func:`~brainvq.runtime.prepare_images`
+    makes them, label maps [B, 256, 256] on `device`, or None where the slices have none)."""
+    labels = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
+    return prepare_images(batch[0], device, precision), labels
 
 
 def load_split(

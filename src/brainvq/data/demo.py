@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from brainvq.data.layout import (
     IMAGE_SIZE,
-    MASK_VALUES,
     SLICES_PER_CASE,
     SPLITS,
     mask_folder,
+    mask_pixels,
     split_folder,
     staged_layout,
     write_case,
@@ -199,8 +199,7 @@ def _tissue_labels(template: _Template, voxels: np.ndarray, brain: np.ndarray) -
             for tissue in (template.csf, template.grey, template.white)
         ]
     )
-    labels = np.asarray(MASK_VALUES[1:], dtype=np.uint8)[probabilities.argmax(axis=0)]
-    return np.where(brain, labels, 0).astype(np.uint8)
+    return mask_pixels(np.where(brain, probabilities.argmax(axis=0) + 1, 0))
 
 
 def _smooth_field(

@@ -243,6 +243,11 @@ def mask_classes(pixels: np.ndarray, path: str | Path) -> np.ndarray:
     return classes
 
 
+def mask_pixels(classes: np.ndarray) -> np.ndarray:
+    """Class indices (any int array of 0..3) -> the mask's pixel values, uint8 (:data:`MASK_VALUES`)."""
+    return np.asarray(MASK_VALUES, dtype=np.uint8)[classes]
+
+
 def _refuse_shared_cases(files: list[Path], split: str, folders: dict[str, Path]) -> None:
     """Raise DataError if a case of ``files`` (one split) also has slices in another split's folder.
 

@@ -3,6 +3,11 @@
     image [B, 1, S, S] --Encoder--> z [B, D, G, G] --VectorQuantizer--> z_q [B, D, G, G] --Decoder--> [B, 1, S, S]
 with G = S / downsample. Each stride-2 convolution halves the side; the residual blocks are bottlenecked
 (C -> R -> C channels) as in the original paper, which keeps the full-resolution work small on a CPU.
+
+With ``label_classes = K > 0`` the model is joint: the encoder reads the image and its tissue label map (class
+indices [B, S, S], one-hot as K more input channels), and the decoder gives the image and K label logits. The
+codebook and the code grids are the same, so every code grid (a sampled one too) decodes into a slice and its
+label map, consistent by construction.
 """
 
 from __future__ import annotations
@@ -41,12 +46,13 @@ def _halving_widths(config: VQVAEConfig) -> list[int]:
 
 
 class Encoder(nn.Module):
-    """[B, 1, S, S] in [0, 1] -> latents [B, D, S/downsample, S/downsample]."""
+    """[B, 1 + K, S, S] (image in [0, 1], then K one-hot label channels) -> latents [B, D, S/downsample,
+    S/downsample]."""
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        in_channels = 1
+        in_channels = 1 + config.label_classes
         for width in _halving_widths(config):
             layers += [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.ReLU()]
             in_channels = width
@@ -60,7 +66,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Quantized latents [B, D, G, G] -> images [B, 1, G*downsample, G*downsample] (unbounded; ~[0, 1])."""
+    """Quantized latents [B, D, G, G] -> [B, 1 + K, G*downsample, G*downsample]: the image (unbounded; ~[0, 1]),
+    then K label logits."""
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
@@ -69,9 +76,10 @@ class Decoder(nn.Module):
             residual_stack(config.channels, config.residual_channels, config.residual_blocks),
         ]
         widths = _halving_widths(config)[::-1]  # mirror of the encoder: [C, ..., C, C/2]
-        for in_width, out_width in zip(widths, [*widths[1:], 1], strict=True):
+        for step, (in_width, out_width) in enumerate(zip(widths, [*widths[1:], 1 + config.label_classes],
+                                                         strict=True)):
             layers.append(nn.ConvTranspose2d(in_width, out_width, 4, stride=2, padding=1))
-            if out_width != 1:
+            if step < len(widths) - 1:
                 layers.append(nn.ReLU())
         self.layers = nn.Sequential(*layers)
 
@@ -82,6 +90,7 @@ class Decoder(nn.Module):
 @dataclass
 class VQVAEOutput:
     reconstruction: torch.Tensor  # [B, 1, S, S]
+    label_logits: torch.Tensor | None  # [B, K, S, S] for a joint model, else None
     indices: torch.Tensor  # [B, G, G] int64
     codebook_loss: torch.Tensor
     commitment_loss: torch.Tensor
@@ -98,28 +107,53 @@ class VQVAE(nn.Module):
                                          restart_after_steps=self.config.restart_after_steps)
         self.decoder = Decoder(self.config)
 
-    def forward(self, images: torch.Tensor) -> VQVAEOutput:
-        """images [B, 1, S, S] in [0, 1] -> reconstruction, code indices and the two quantizer losses."""
-        quantized = self.quantizer(self.encoder(images))
-        return VQVAEOutput(self.decoder(quantized.quantized), quantized.indices, quantized.codebook_loss,
-                           quantized.commitment_loss)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> VQVAEOutput:
+        """images [B, 1, S, S] in [0, 1] (and, for a joint model, labels [B, S, S] class indices; an image-only
+        model ignores them) -> reconstruction, label logits, code indices and the two quantizer losses."""
+        quantized = self.quantizer(self.encoder(self._inputs(images, labels)))
+        decoded = self.decoder(quantized.quantized)
+        return VQVAEOutput(decoded[:, :1], decoded[:, 1:] if self.config.label_classes else None,
+                           quantized.indices, quantized.codebook_loss, quantized.commitment_loss)
 
-    def loss(self, images: torch.Tensor, output: VQVAEOutput) -> dict[str, torch.Tensor]:
-        """Reconstruction (MSE) + codebook + beta * commitment; each term returned for logging."""
+    def loss(self, images: torch.Tensor, output: VQVAEOutput,
+             labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Reconstruction (MSE) + codebook + beta * commitment, + label_weight * the label map's cross-entropy for
+        a joint model; each term returned for logging."""
         reconstruction = F.mse_loss(output.reconstruction.float(), images.float())
         total = reconstruction + output.codebook_loss + self.config.beta * output.commitment_loss
-        return {"loss": total, "reconstruction": reconstruction, "codebook": output.codebook_loss,
-                "commitment": output.commitment_loss}
+        terms = {"reconstruction": reconstruction, "codebook": output.codebook_loss,
+                 "commitment": output.commitment_loss}
+        if output.label_logits is not None:
+            terms["labels"] = F.cross_entropy(output.label_logits.float(), self._checked_labels(labels))
+            total = total + self.config.label_weight * terms["labels"]
+        return {"loss": total} | terms
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 1, S, S] -> code indices [B, G, G] int64."""
-        z = self.encoder(images)
+    def encode(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """images [B, 1, S, S] (and labels [B, S, S] for a joint model) -> code indices [B, G, G] int64."""
+        z = self.encoder(self._inputs(images, labels))
         with torch.autocast(z.device.type, enabled=False):
             flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.config.code_dim)
             return self.quantizer.nearest_codes(flat).view(z.shape[0], z.shape[2], z.shape[3])
 
     @torch.no_grad()
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """code indices [B, G, G] -> images [B, 1, S, S] clamped to [0, 1]."""
-        return self.decoder(self.quantizer.lookup(indices)).float().clamp(0, 1)
+    def decode(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """code indices [B, G, G] -> (images [B, 1, S, S] clamped to [0, 1], label maps [B, S, S] int64 (the
+        most likely class of each pixel) for a joint model, else None)."""
+        decoded = self.decoder(self.quantizer.lookup(indices)).float()
+        labels = decoded[:, 1:].argmax(1) if self.config.label_classes else None
+        return decoded[:, :1].clamp(0, 1), labels
+
+    def _inputs(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's input: the images, then (joint model) the label maps one-hot, in the images' dtype."""
+        if not self.config.label_classes:
+            return images
+        one_hot = F.one_hot(self._checked_labels(labels), self.config.label_classes)
+        # [B, S, S, K] -> [B, K, S, S] is a view in channels_last order, the images' own memory format.
+        return torch.cat([images, one_hot.permute(0, 3, 1, 2).to(images.dtype)], dim=1)
+
+    def _checked_labels(self, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            raise ValueError(f"this VQ-VAE is joint ({self.config.label_classes} label classes): it needs the "
+                             "label map of each image")
+        return labels.long()

@@ -1,4 +1,5 @@
-"""The VQ-VAE as a `TrainingTask`: one step is reconstruction + codebook + commitment loss on a batch."""
+"""The VQ-VAE as a `TrainingTask`: one step is reconstruction + codebook + commitment loss on a batch (+ the label
+map's cross-entropy for a joint model)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from brainvq.data.dataset import prepare_batch
 from brainvq.models.quantizer import CodeUsage
 from brainvq.models.vqvae import VQVAE
 from brainvq.reconstruction import measure_reconstructions
-from brainvq.runtime import prepare_images
 
 
 class VQVAETask:
@@ -32,11 +33,11 @@ class VQVAETask:
     def start_epoch(self) -> None:
         self.usage = CodeUsage(self.model.config.codebook_size)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = prepare_images(batch[0], self.device, self.precision)
-        output = self.network(images)
+    def training_step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        images, labels = prepare_batch(batch, self.device, self.precision)
+        output = self.network(images, labels)
         self.usage.update(output.indices)
-        return self.model.loss(images, output)
+        return self.model.loss(images, output, labels)
 
     def epoch_metrics(self) -> dict[str, float]:
         return {"codebook_used": self.usage.used, "perplexity": self.usage.perplexity}
