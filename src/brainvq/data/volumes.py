@@ -12,6 +12,11 @@ Slicing convention, shared with the demo cohort (:mod:`brainvq.data.demo`) so th
 Each slice pixel comes from one point of the volume, so the slicing is an affine map from ``[row, column, slice, 1]``
 to the volume's voxel indices; :func:`volumes_to_layout` records it per case (``volumes.json``) so that a slice can
 be put back into its volume's space.
+
+Tissue label volumes (FSL FAST ``*_seg``/``*_pveseg``, FreeSurfer ``aseg``/``aparc+aseg``, BIDS ``*_dseg``), one
+per image and in its voxel grid (:func:`check_same_grid`), give each slice an OASIS segmentation mask: the same
+map, sampled nearest-neighbour (:func:`slice_labels`), with the values turned into classes by a
+:mod:`~brainvq.data.label_maps` map. :func:`match_labels` pairs label files with images by name.
 """
 
 from __future__ import annotations
