@@ -58,6 +58,11 @@ Volumes (``data from-volumes``):
 - a slice count or axial range out of bounds (--slices 0, --axial-range 0.9 0.1):
   tests/data/test_volumes.py::test_volumes_to_layout_refuses_bad_slicing_options, and here
   test_from_volumes_refuses_bad_slicing_options_before_reading
+- tissue labels (``--labels``): a volume without a label volume, a label map naming an unknown class, a label
+  map without labels: test_from_volumes_refuses_a_volume_without_labels_and_a_bad_label_map; a label volume off
+  its image's voxel grid, unknown or fractional label values:
+  tests/data/test_volumes.py::test_a_label_volume_off_the_image_grid_is_refused_naming_it,
+  tests/data/test_volumes.py::test_a_json_label_map_maps_its_values_and_refuses_others
 - a path with spaces and non-ASCII characters:
   tests/test_cli.py::test_data_from_volumes_writes_the_oasis_layout_and_check_accepts_it
 
@@ -345,6 +350,26 @@ def test_from_volumes_refuses_bad_slicing_options_before_reading(tmp_path: Path,
     assert main(["data", "from-volumes", str(source), "--out", str(tmp_path / "slices"), *option]) == 1
     error_line(capsys, problem)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["scans"]
+
+
+def test_from_volumes_refuses_a_volume_without_labels_and_a_bad_label_map(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = volume_folder(tmp_path / "scans")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for subject in (0, 2):
+        nib.save(nib.Nifti1Image((head() > 0).astype(np.int16) * 3, np.eye(4)), labels / f"sub-{subject}_seg.nii.gz")
+    out = tmp_path / "slices"
+    assert main(["data", "from-volumes", str(source), "--out", str(out), "--labels", str(labels)]) == 1
+    error_line(capsys, str(source / "sub-1.nii.gz"), "has no label volume in")
+    label_map = tmp_path / "map.json"
+    label_map.write_text('{"3": "bone"}')
+    assert main(["data", "from-volumes", str(source), "--out", str(out), "--labels", str(labels), "--label-map",
+                 str(label_map)]) == 1
+    error_line(capsys, str(label_map), "'bone' (for 3) is not one of background, csf, grey_matter, white_matter")
+    assert main(["data", "from-volumes", str(source), "--out", str(out), "--label-map", "freesurfer"]) == 1
+    error_line(capsys, "--labels")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["labels", "map.json", "scans"]
 
 
 def test_a_volume_claiming_huge_dimensions_is_refused_unread(tmp_path: Path, capsys: pytest.CaptureFixture[str]

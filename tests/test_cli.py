@@ -178,6 +178,34 @@ def test_data_from_volumes_takes_the_number_of_slices_and_their_range(tmp_path, 
     assert (geometry["n_slices"], geometry["axial_range"]) == (5, [0.3, 0.7])
 
 
+def test_data_from_volumes_with_freesurfer_labels_writes_masks_that_check_accepts(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, n) for n in (30, 34, 28)), indexing="ij"))
+    radius = (grid**2).sum(0)
+    aseg = np.select([radius < 0.1, radius < 0.4, radius < 0.7], [4, 41, 42], 0).astype(np.int16)  # CSF, WM, GM
+    t1 = np.vectorize({0: 0, 4: 30, 42: 80, 41: 120}.get)(aseg).astype(np.float32)
+    for subject in ("sub-1", "sub-2", "sub-3"):  # a BIDS data set and its derivatives beside it
+        anat = tmp_path / "bids" / subject / "anat"
+        derivatives = tmp_path / "derivatives" / subject / "anat"
+        anat.mkdir(parents=True)
+        derivatives.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(t1, np.eye(4)), anat / f"{subject}_T1w.nii.gz")
+        nib.save(nib.Nifti1Image(aseg, np.eye(4)), derivatives / f"{subject}_dseg.nii.gz")
+    out = tmp_path / "slices"
+    assert main(["data", "from-volumes", str(tmp_path / "bids"), "--out", str(out), "--slices", "3",
+                 "--labels", str(tmp_path / "derivatives"), "--label-map", "freesurfer"]) == 0
+    assert json.loads(capsys.readouterr().out)["label_map"] == "freesurfer"
+    for split in ("train", "validate", "test"):
+        masks = [path.name for path in (out / f"keras_png_slices_seg_{split}").iterdir()]
+        assert sorted(masks) == sorted(path.name.replace("case_", "seg_")
+                                       for path in (out / f"keras_png_slices_{split}").iterdir())
+        assert len(masks) == 3
+    assert main(["data", "check", str(out)]) == 0
+    assert "train: 3 slices with masks" in capsys.readouterr().out
+
+
 def test_evaluate_samples_reads_the_fid_weights_before_sampling(tmp_path, capsys):
     weights = tmp_path / "fid.safetensors"
     weights.write_bytes(b"not safetensors")

@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     volumes.add_argument("--axial-range", type=number, nargs=2, default=AXIAL_RANGE, metavar=("LOW", "HIGH"),
                          help="part of the foreground's inferior-superior extent the slices span, as fractions "
                               f"from its bottom (default {AXIAL_RANGE[0]} {AXIAL_RANGE[1]})")
+    volumes.add_argument("--labels", type=Path, default=None, metavar="LABELS",
+                         help="tissue label volumes in the same voxel grids (a file if SOURCE is one, else a folder "
+                              "searched like it): LABELS/<volume id>[_seg|_pveseg|_dseg|_aseg|_aparc+aseg] for "
+                              "SOURCE/<volume id>, or <id without _T1w>_dseg for a BIDS _T1w image; each slice "
+                              "then gets an OASIS mask in keras_png_slices_seg_<split>")
+    volumes.add_argument("--label-map", default=None, metavar="fast|freesurfer|JSON",
+                         help="label values -> classes: fast (0 background, 1 CSF, 2 grey, 3 white matter; the "
+                              "default), freesurfer (aseg/aparc+aseg labels), or a JSON file {\"<value>\": "
+                              "\"background|csf|grey_matter|white_matter\"}")
     volumes.set_defaults(handler=run_data_from_volumes)
 
     check = data_commands.add_parser("check", help="check a data folder: counts, splits, sizes, modes")
@@ -274,7 +283,7 @@ def run_data_from_volumes(args: argparse.Namespace) -> None:
     from brainvq.data.volumes import volumes_to_layout
 
     summary = volumes_to_layout(args.source, args.out, n_slices=args.slices, axial_range=tuple(args.axial_range),
-                                seed=args.seed, progress=True)
+                                seed=args.seed, labels=args.labels, label_map=args.label_map, progress=True)
     print(json.dumps(summary, indent=2, default=str))
 
 

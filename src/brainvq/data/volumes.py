@@ -12,10 +12,16 @@ Slicing convention, shared with the demo cohort (:mod:`brainvq.data.demo`) so th
 Each slice pixel comes from one point of the volume, so the slicing is an affine map from ``[row, column, slice, 1]``
 to the volume's voxel indices; :func:`volumes_to_layout` records it per case (``volumes.json``) so that a slice can
 be put back into its volume's space.
+
+Tissue label volumes (FSL FAST ``*_seg``/``*_pveseg``, FreeSurfer ``aseg``/``aparc+aseg``, BIDS ``*_dseg``), one
+per image and in its voxel grid (:func:`check_same_grid`), give each slice an OASIS segmentation mask: the same
+map, sampled nearest-neighbour (:func:`slice_labels`), with the values turned into classes by a
+:mod:`~brainvq.data.label_maps` map. :func:`match_labels` pairs label files with images by name.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import re
@@ -29,12 +35,15 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from brainvq.config import save_json
+from brainvq.data.label_maps import LabelMap, load_label_map
 from brainvq.data.layout import (
     AXIAL_RANGE,
     IMAGE_SIZE,
+    MASK_VALUES,
     SLICES_PER_CASE,
     SPLITS,
     case_sort_key,
+    mask_folder,
     split_cases,
     split_folder,
     staged_layout,
@@ -70,6 +79,12 @@ _VOLUME_SUFFIX = re.compile(r"\.(nii|nii\.gz|hdr|img)$", re.IGNORECASE)
 _BIDS_T1W = re.compile(r"(?P<subject>sub-[^/]+)/(?:ses-[^/]+/)?anat/[^/]*T1w")
 # Where volumes_to_layout records each case's geometry, beside cases.tsv.
 GEOMETRY_FILE = "volumes.json"
+# Name endings of label volumes (FSL FAST, FreeSurfer, BIDS derivatives), stripped to match them to images
+# (see match_labels); ids are compared in lower case for them.
+LABEL_SUFFIXES = ("_dseg", "_seg", "_pveseg", "_aseg", "_aparc+aseg")
+_BIDS_IMAGE_SUFFIX = "_T1w"
+# How far a label volume's voxel centres may lie from its image's, in voxels (float32 headers round to ~1e-5 mm).
+GRID_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -207,7 +222,11 @@ def framed_grid(box: np.ndarray, n_slices: int = SLICES_PER_CASE, size: int = IM
                 axial_range: tuple[float, float] = AXIAL_RANGE) -> np.ndarray:
     """Coordinates (float32 [3, n_slices, size, size], x/y/z in mm, RAS+) of the output pixels for a foreground
     box [3, 2] in mm: :func:`frame` applied to every pixel."""
-    matrix = frame(box, n_slices, size, axial_range)
+    return pixel_grid(frame(box, n_slices, size, axial_range), n_slices, size)
+
+
+def pixel_grid(matrix: np.ndarray, n_slices: int, size: int) -> np.ndarray:
+    """A :func:`frame` map [4, 4] applied to every output pixel: float32 [3, n_slices, size, size], x/y/z in mm."""
     # The map is separable (x from the column, y from the row, z from the slice): three 1D ramps broadcast.
     rows, columns, slices = np.arange(size), np.arange(size), np.arange(n_slices)
     shape = (n_slices, size, size)
@@ -236,14 +255,19 @@ def slice_volume(volume: Volume, n_slices: int = SLICES_PER_CASE, size: int = IM
     if points.shape[1] == 0:
         raise DataError("too little foreground to slice (a few bright voxels at most)", volume.path)
     box = foreground_box(points)
-    grid = framed_grid(box, n_slices, size, axial_range)
-    voxels = grid / np.asarray(volume.zooms, dtype=np.float32)[:, None, None, None]
+    voxels = pixel_voxels(frame(box, n_slices, size, axial_range), volume.zooms, n_slices, size)
     samples = ndimage.map_coordinates(data, voxels, order=1, mode="constant", cval=low)
     foreground_low, foreground_high = np.percentile(data[foreground], INTENSITY_PERCENTILES)
     # A uniform foreground (a binary mask) has no range of its own: scale it against the background.
     black = foreground_low if foreground_high > foreground_low else low
     images = scale_to_uint8(samples, black, foreground_high)
     return SlicedVolume(images, frame(box, n_slices, size, axial_range), (float(black), float(foreground_high)))
+
+
+def pixel_voxels(to_mm: np.ndarray, zooms: tuple[float, float, float], n_slices: int, size: int) -> np.ndarray:
+    """Where each output pixel is sampled: float32 [3, n_slices, size, size] voxel indices of :attr:`Volume.data`
+    for a map ``to_mm`` [4, 4] from ``[row, column, slice, 1]`` to mm (:attr:`SlicedVolume.to_mm`)."""
+    return pixel_grid(to_mm, n_slices, size) / np.asarray(zooms, dtype=np.float32)[:, None, None, None]
 
 
 def case_geometry(volume: Volume, sliced: SlicedVolume) -> dict:
@@ -310,6 +334,94 @@ def subjects_of(volumes: dict[str, Path]) -> dict[str, str]:
     return bids or {volume_id: volume_id for volume_id in volumes}
 
 
+def is_label_name(volume_id: str) -> bool:
+    """Whether a volume id ends in one of :data:`LABEL_SUFFIXES` (``sub-1_seg``, ``sub-01/anat/sub-01_dseg``)."""
+    return volume_id.lower().endswith(LABEL_SUFFIXES)
+
+
+def _label_keys(volume_id: str) -> list[str]:
+    """The ids a volume's label file may have, without its label suffix, most specific first: the volume's own
+    id, then, for a BIDS ``..._T1w`` image, the id without ``_T1w``."""
+    bare = volume_id[: -len(_BIDS_IMAGE_SUFFIX)] if volume_id.endswith(_BIDS_IMAGE_SUFFIX) else None
+    return [volume_id] if bare is None else [volume_id, bare]
+
+
+def match_labels(src: str | Path, volumes: dict[str, Path], labels: str | Path) -> dict[str, Path]:
+    """The label volume of each volume of ``volumes`` (volume id -> path, found under ``src``), by volume id.
+
+    ``labels`` is a file when ``src`` is, and then the label of its one volume. Otherwise it is a folder searched
+    like ``src`` (:func:`find_volumes`), and a label file matches a volume when its id, without one of
+    :data:`LABEL_SUFFIXES` (or with none), equals the volume's id or, for a BIDS ``..._T1w`` image, the volume's
+    id without ``_T1w``: ``s1`` takes ``s1_seg``, ``s1_pveseg`` or ``s1``; ``sub-01/anat/sub-01_T1w`` takes
+    ``sub-01/anat/sub-01_T1w_pveseg`` or ``sub-01/anat/sub-01_dseg``. Where several match, the volume's own id
+    beats the one without ``_T1w``, then the first suffix of ``("", *LABEL_SUFFIXES)`` wins (FAST writes both
+    ``_seg`` and ``_pveseg``). A file is never its own label; label files that match no volume are ignored.
+
+    Raises DataError naming the first volume without a label volume, before anything is read.
+    """
+    src, labels = Path(src), Path(labels)
+    if not labels.exists():
+        raise DataError("does not exist", labels)
+    if src.is_file() or labels.is_file():
+        if not (src.is_file() and labels.is_file()):
+            raise DataError("labels must be a file when the volumes are one file, a folder when they are a "
+                            "folder", labels)
+        return dict.fromkeys(volumes, labels)
+    candidates: dict[str, list[tuple[int, Path]]] = {}  # label id without suffix -> (suffix rank, file)
+    for label_id, path in find_volumes(labels).items():
+        for rank, suffix in enumerate(("", *LABEL_SUFFIXES)):
+            if label_id.lower().endswith(suffix):
+                candidates.setdefault(label_id[: len(label_id) - len(suffix)], []).append((rank, path))
+    matched = {}
+    for volume_id, volume_path in volumes.items():
+        found = [
+            (key_rank, suffix_rank, path)
+            for key_rank, key in enumerate(_label_keys(volume_id))
+            for suffix_rank, path in candidates.get(key, [])
+            if path.resolve() != volume_path.resolve()
+        ]
+        if not found:
+            raise DataError(f"has no label volume in {labels} (expected {' or '.join(_label_keys(volume_id))}, "
+                            f"as is or ending in {'/'.join(LABEL_SUFFIXES)})", volume_path)
+        matched[volume_id] = min(found)[2]
+    return matched
+
+
+def _file_shape(volume: Volume) -> tuple[int, ...]:
+    """The shape of a volume's array as its file stores it (before the reorientation to RAS+)."""
+    return tuple(int(n) for n in np.rint(np.abs(volume.to_file[:3, :3]) @ volume.data.shape))
+
+
+def check_same_grid(labels: Volume, image: Volume) -> None:
+    """Raise DataError naming the label file unless it has its image's shape and affine: every voxel centre
+    within GRID_TOLERANCE of a voxel of the image's, in world mm."""
+    if _file_shape(labels) != _file_shape(image):
+        raise DataError(f"label volume has shape {_file_shape(labels)} but its image {image.path} has "
+                        f"{_file_shape(image)}; labels must be in the image's voxel grid", labels.path)
+    # The affines differ by an affine map, so voxel centres lie furthest apart at a corner of the grid.
+    corners = np.array([[*corner, 1] for corner in itertools.product(*((0, n - 1) for n in _file_shape(image)))]).T
+    shift = np.linalg.norm(((labels.affine - image.affine) @ corners)[:3], axis=0).max()
+    if shift > GRID_TOLERANCE * min(image.zooms):
+        raise DataError(f"label volume's affine differs from that of its image {image.path} (voxels up to "
+                        f"{shift:.3g} mm apart); labels must be in the image's voxel grid", labels.path)
+
+
+def slice_labels(labels: Volume, image: Volume, sliced: SlicedVolume, label_map: LabelMap) -> np.ndarray:
+    """The segmentation masks of the slices cut from ``image``, uint8 [n_slices, size, size] of
+    :data:`~brainvq.data.layout.MASK_VALUES`, from a label volume in the same voxel grid.
+
+    Each pixel takes the class (``label_map``) of the voxel nearest the point its image pixel was sampled at (no
+    interpolation); pixels outside the volume are background. Raises DataError naming the label file if it is
+    not in the image's grid (:func:`check_same_grid`) or holds values the map refuses (:meth:`LabelMap.apply`).
+    """
+    check_same_grid(labels, image)
+    classes = label_map.apply(labels.data, labels.path)
+    n_slices, size = sliced.images.shape[:2]
+    voxels = pixel_voxels(sliced.to_mm, image.zooms, n_slices, size)
+    sampled = ndimage.map_coordinates(classes, voxels, order=0, mode="constant", cval=0)
+    return np.asarray(MASK_VALUES, dtype=np.uint8)[sampled]
+
+
 def volumes_to_layout(
     src: str | Path,
     out_dir: str | Path,
@@ -318,6 +430,8 @@ def volumes_to_layout(
     axial_range: tuple[float, float] = AXIAL_RANGE,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
+    labels: str | Path | None = None,
+    label_map: str | Path | None = None,
     progress: bool = False,
 ) -> dict:
     """Turn 3D volumes into an OASIS-layout slice data set at ``out_dir``: ``n_slices`` slices per volume over
@@ -330,19 +444,34 @@ def volumes_to_layout(
     records each case's geometry (:func:`case_geometry`). Nothing is left at ``out_dir`` unless every volume
     converts (a bad one raises DataError naming it); bad options raise ConfigError before anything is read.
 
-    Returns ``{"cases": {split: n}, "subjects": {split: n}, "slices": {split: n}, "seconds": float}``.
+    With ``labels`` (a file or folder of tissue label volumes, see :func:`match_labels`), every volume must have
+    a label volume in its voxel grid, and every slice gets a mask in ``keras_png_slices_seg_<split>``
+    (:func:`slice_labels`, classes by ``label_map``: see :func:`~brainvq.data.label_maps.load_label_map`);
+    files of a source folder named like labels (:func:`is_label_name`) are then not converted as images.
+    ``cases.tsv`` and ``volumes.json`` also name each case's label file. A volume without labels raises
+    DataError naming it before anything is written.
+
+    Returns ``{"cases": {split: n}, "subjects": {split: n}, "slices": {split: n}, "seconds": float}``, with
+    ``"label_map"`` (its name) when there are labels.
     """
     start = time.perf_counter()
     check_slicing(n_slices, axial_range)
+    if labels is None and label_map is not None:
+        raise ConfigError("a label map only applies to label volumes; give the label volumes too (--labels)")
+    mapping = None if labels is None else load_label_map(label_map)
     found = find_volumes(src)
+    if labels is not None and Path(src).is_dir():
+        found = {volume_id: path for volume_id, path in found.items() if not is_label_name(volume_id)}
     if not found:
         raise DataError("no NIfTI or Analyze volumes (*.nii, *.nii.gz, *.hdr/*.img)", src)
     subject_of = subjects_of(found)
+    label_of = {} if labels is None else match_labels(src, {volume_id: found[volume_id] for volume_id in subject_of},
+                                                      labels)
     splits = split_cases(subject_of.values(), seed, fractions)
     subject_split = {subject: split for split, subjects in splits.items() for subject in subjects}
-    rows = ["case\tsource\tsplit\tsubject"]
+    rows = ["case\tsource\tsplit\tsubject" + ("\tlabels" if label_of else "")]
     cases = []
-    with staged_layout(out_dir) as staging:
+    with staged_layout(out_dir, masks=bool(label_of)) as staging:
         for case_number, volume_id in enumerate(
             tqdm(subject_of, desc="volumes", unit="volume", disable=not progress), start=1
         ):
@@ -352,6 +481,10 @@ def volumes_to_layout(
             write_case(split_folder(staging, split), case_number, sliced.images)
             case = {"case": f"{case_number:03d}", "source": str(found[volume_id].resolve()), "split": split,
                     "subject": subject_of[volume_id]}
+            if label_of:
+                masks = slice_labels(load_volume(label_of[volume_id]), volume, sliced, mapping)
+                write_case(mask_folder(staging, split), case_number, masks, prefix="seg")
+                case["labels"] = str(label_of[volume_id].resolve())
             rows.append("\t".join(case.values()))
             cases.append(case | case_geometry(volume, sliced))
         (staging / "cases.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
@@ -362,6 +495,7 @@ def volumes_to_layout(
                      "source values shown as 0 and 255",
             "n_slices": int(n_slices),
             "axial_range": [float(fraction) for fraction in axial_range],
+            **({"label_map": mapping.name} if label_of else {}),
             "cases": cases,
         })
     n_cases = {split: sum(split == case["split"] for case in cases) for split in SPLITS}
@@ -369,5 +503,6 @@ def volumes_to_layout(
         "cases": n_cases,
         "subjects": {split: len(splits[split]) for split in SPLITS},
         "slices": {split: n_cases[split] * n_slices for split in SPLITS},
+        **({"label_map": mapping.name} if label_of else {}),
         "seconds": time.perf_counter() - start,
     }
