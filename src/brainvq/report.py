@@ -27,6 +27,7 @@ from brainvq.run import (
     REAL_VS_GENERATED,
     REPORT_FILE,
     SAMPLE_EVALUATION,
+    SAMPLE_PAIRS,
     SAMPLES_BY_POSITION,
     SAMPLES_GRID,
     evaluation_file,
@@ -117,9 +118,10 @@ def _reconstruction(run_dir: Path) -> str:
     results = _read_json(run_dir / evaluation_file("test"))
     if results is None:
         return _missing("test evaluation", f"brainvq evaluate {run_dir}")
-    return _table(results) + _image_file(run_dir / reconstruction_grid("test"),
-                                         "test slices (top) and their reconstructions (bottom)",
-                                         f"brainvq evaluate {run_dir}")
+    joint = "dice_mean" in results
+    caption = "test slices (top) and their reconstructions (below)" + (
+        ", then their masks and the decoded label maps" if joint else "")
+    return _table(results) + _image_file(run_dir / reconstruction_grid("test"), caption, f"brainvq evaluate {run_dir}")
 
 
 def _history(folder: Path) -> list[dict[str, Any]]:
@@ -188,11 +190,15 @@ def _headline(run_dir: Path) -> str:
         ("SSIM to the nearest training slice (mean)", f"{results['nearest_train_ssim']['samples']['mean']:.3f}",
          f"{results['nearest_train_ssim']['real_test']['mean']:.3f}"),
     ]
+    if agreement := results.get("label_agreement"):
+        rows.append(("label maps: tissue pixels inside their tissue's intensity range (of training pairs)",
+                     f"{agreement['samples']['all']:.3f}", f"{agreement['real_test']['all']:.3f}"))
     body = "".join(f"<tr><td>{html.escape(name)}</td><td>{generated}</td><td>{real}</td></tr>"
                    for name, generated, real in rows)
     reconstruction = _read_json(run_dir / evaluation_file("test"))
-    recon = (f"<p>Reconstruction of the test split: SSIM {reconstruction['ssim']:.3f}.</p>"
-             if reconstruction and "ssim" in reconstruction else "")
+    recon = (f"<p>Reconstruction of the test split: SSIM {reconstruction['ssim']:.3f}"
+             + (f", label maps' mean Dice {reconstruction['dice_mean']:.3f}" if "dice_mean" in reconstruction else "")
+             + ".</p>" if reconstruction and "ssim" in reconstruction else "")
     return (f"<table><tr><th>measure ({results['n_generated']} samples)</th><th>generated</th>"
             f"<th>real (same measure)</th></tr>{body}</table>{recon}"
             "<p>C2ST: trained on samples against one held-out split's subjects, scored on other samples against the "
@@ -209,6 +215,11 @@ def _samples(run_dir: Path) -> str:
              _image_file(run_dir / SAMPLES_GRID, "generated slices (random slice positions)", command),
              _image_file(run_dir / SAMPLES_BY_POSITION, "one generated slice per position 0..31 "
                          "(left to right, top to bottom)", command)]
+    if (run_dir / SAMPLE_PAIRS).exists():  # a joint VQ-VAE's generated label maps
+        parts.append(_image_file(run_dir / SAMPLE_PAIRS, "real test slices and their masks (top two rows) above "
+                                 "generated slices of the same positions and their generated label maps "
+                                 "(black background, dark grey CSF, light grey grey matter, white white matter)",
+                                 command))
     parts.append(_table(prior) if prior else _missing("prior evaluation", f"brainvq train-prior {run_dir}"))
     parts.append(_table(results) if results else _missing("sample evaluation", command))
     return "".join(parts)
