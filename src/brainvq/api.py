@@ -407,13 +407,13 @@ def _label_agreement(train_images: torch.Tensor, splits: dict[str, SliceSet], ge
                      test_set: Dataset, vqvae: VQVAE, device: torch.device, precision: str) -> dict[str, Any]:
     """How often generated label maps agree with their slices by the tissue intensity ranges of the training
     pairs (metrics/segmentation.py), beside real test pairs and the VQ-VAE's reconstructed test pairs."""
-    rule = IntensityRanges(train_images, torch.from_numpy(np.asarray(splits["train"].labels)))
+    rule = IntensityRanges(train_images, torch.from_numpy(np.array(splits["train"].labels)))
     batches = list(reconstruct_batches(vqvae, test_set, device=device, precision=precision))
     reconstructions = torch.cat([batch.reconstructions for batch in batches])
     reconstructed_labels = torch.cat([batch.reconstructed_labels for batch in batches])
     test = splits["test"]
     return {"samples": rule.agreement(generated.images, generated.labels),
-            "real_test": rule.agreement(as_float_images(test.images), torch.from_numpy(np.asarray(test.labels))),
+            "real_test": rule.agreement(as_float_images(test.images), torch.from_numpy(np.array(test.labels))),
             "reconstructed_test": rule.agreement(reconstructions, reconstructed_labels),
             "ranges": {name: [float(value) for value in bounds]
                        for name, bounds in zip(TISSUE_NAMES, rule.ranges, strict=True)}}
