@@ -1,5 +1,6 @@
 """Data-parallel training (DDP through torchrun, gloo on CPU) trains the same model one process would."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,21 @@ def test_two_gloo_processes_train_the_same_weights_as_one_process_with_the_same_
     # Resume under DDP picks up from the saved step.
     torchrun("train-prior", str(parallel), "--resume", "--epochs", "2", "--max-steps", "5", "--quiet")
     assert load_checkpoint(parallel / "prior" / LAST_CHECKPOINT)[1]["step"] == 5
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_the_same_joint_vqvae_as_one_process(tiny_cohort, tmp_path):
+    """The demo cohort has masks: each process gets the label maps of its share of the batch."""
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    joint = VQVAEConfig(label_classes=4, downsample=8, channels=32, code_dim=16, restart_after_steps=0)
+    api.train_vqvae(tiny_cohort, single, model_config=joint, train_config=RESTART_STEPS, progress=False)
+    parallel.mkdir()
+    shutil.copy(single / CONFIG_FILE, parallel / CONFIG_FILE)
+    torchrun("train-vqvae", "--data", str(tiny_cohort), "--out", str(parallel), "--resume", "--quiet")
+    assert_same_weights(single, parallel)
+    history = json.loads((parallel / "metrics.jsonl").read_text().splitlines()[0])
+    assert history["train"]["labels"] == pytest.approx(
+        json.loads((single / "metrics.jsonl").read_text().splitlines()[0])["train"]["labels"], rel=1e-3)
 
 
 @pytest.mark.slow
