@@ -3,7 +3,8 @@
 # Usage, from the repository root:  bash benchmarks/gpu_demo.sh VQVAE_MINUTES PRIOR_MINUTES [extra training flags]
 # Reads the demo cohort from .gpu/demodata (make it with `brainvq data demo --out .gpu/demodata`), trains into
 # /tmp/gpurun, and leaves logs, results.tar and checkpoints.tar in $OUT (default /tmp/out). Environment: N samples
-# for evaluate-samples (default 256), IB grids for the fast-vs-naive check (default 4).
+# for evaluate-samples (default 256), IB grids for the fast-vs-naive check (default 4; 0 skips it), NS generated
+# pairs for benchmarks/segmentation_transfer.py with TS steps per arm (default 0: skipped; a joint run only).
 # Where brainvq is not installed (a bare GPU machine), wheels of nibabel and nilearn in .whl/ are installed first.
 set -x
 VQ_MIN=$1; PRIOR_MIN=$2; shift 2
@@ -29,4 +30,11 @@ python3 -m brainvq train-prior $R --batch-size 64 --epochs 1000 --max-minutes $P
 tail -c 1200 $R/prior/metrics.jsonl; cat $R/prior/eval_prior.json
 python3 -m brainvq evaluate-samples $R --n ${N:-256} > $OUT/evalsamples.log 2>&1; echo "evaluate-samples rc=$? $((SECONDS-T0))s"
 cat $R/eval_samples.json
-timeout 100 python3 benchmarks/sampler_identity.py $R --grids ${IB:-4} 2>&1 | tee $OUT/identity.jsonl; echo "identity $((SECONDS-T0))s"
+if [ "${IB:-4}" -gt 0 ]; then
+  timeout 100 python3 benchmarks/sampler_identity.py $R --grids ${IB:-4} 2>&1 | tee $OUT/identity.jsonl; echo "identity $((SECONDS-T0))s"
+fi
+if [ "${NS:-0}" -gt 0 ]; then
+  python3 -m brainvq sample $R --n $NS --out /tmp/generated > $OUT/sample.log 2>&1; echo "sample rc=$? $((SECONDS-T0))s"
+  python3 benchmarks/segmentation_transfer.py --data $DATA --samples /tmp/generated --steps ${TS:-1000} \
+    --json $OUT/transfer.json 2>&1 | tee $OUT/transfer.log; echo "transfer $((SECONDS-T0))s"
+fi

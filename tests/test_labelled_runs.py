@@ -82,6 +82,11 @@ def test_an_image_only_run_on_slices_with_masks_ignores_them(oasis_with_masks, t
     results = api.evaluate(run)
     assert "dice_mean" not in results
     assert load_png(run / "recon_test.png").shape[0] == 2 * TILE_STEP - 2
+    # A run made before joint models existed has no label fields in its config.json: it loads as image-only.
+    config = json.loads((run / "config.json").read_text())
+    del config["model"]["label_classes"], config["model"]["label_weight"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert api.evaluate(run)["ssim"] == results["ssim"]
 
 
 def test_a_joint_run_refuses_slices_without_masks_in_one_line(joint_run, pristine_oasis, capsys):
