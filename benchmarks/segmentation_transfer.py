@@ -266,7 +266,8 @@ def learning_rate_factor(step: int, settings: Settings) -> float:
 # --- training and scoring -----------------------------------------------------------------------------------
 
 
-def train(sources: Sequence[Pairs], settings: Settings, device: torch.device) -> tuple[UNet, dict[str, Any]]:
+def train(sources: Sequence[Pairs], settings: Settings, device: torch.device,
+          progress: bool = False) -> tuple[UNet, dict[str, Any]]:
     """Train a fresh U-Net (initial weights from `settings.seed`) for exactly `settings.steps` steps on batches of
     `sources`; returns the model after the last step and a record of what was done."""
     precision = resolve_precision("auto", device)
@@ -278,7 +279,8 @@ def train(sources: Sequence[Pairs], settings: Settings, device: torch.device) ->
     model.train()
     losses, per_source = [], [0] * len(sources)
     started = time.perf_counter()
-    for _ in range(settings.steps):
+    report_every = max(1, settings.steps // 6)
+    for step in range(settings.steps):
         images, labels, origins = batches.next()
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
@@ -291,6 +293,9 @@ def train(sources: Sequence[Pairs], settings: Settings, device: torch.device) ->
         losses.append(float(loss.detach()))
         for origin in origins:
             per_source[origin] += 1
+        if progress and (step + 1) % report_every == 0:
+            print(f"  step {step + 1}/{settings.steps}: loss {np.mean(losses[-report_every:]):.3f}, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
     record = {"steps": len(losses), "precision": precision, "train_seconds": time.perf_counter() - started,
               "pairs_seen_per_source": per_source, "first_loss": losses[0], "last_losses": losses[-10:],
               "final_learning_rate": schedule.get_last_lr()[0]}
@@ -321,13 +326,13 @@ def score(model: nn.Module, test: Pairs, device: torch.device, batch_size: int =
 
 
 def run_arms(real: Pairs, generated: Pairs, test: Pairs, settings: Settings, device: torch.device,
-             arms: Sequence[str] = ARMS) -> dict[str, dict[str, Any]]:
+             arms: Sequence[str] = ARMS, progress: bool = False) -> dict[str, dict[str, Any]]:
     """Train and score each arm in turn: {arm: {"dice": {...}, "train": record, "test_seconds": s, "pairs": n}}."""
     sources = {"real": [real], "generated": [generated], "real+generated": [real, generated]}
     results = {}
     for arm in arms:
         print(f"training on {arm} ({settings.steps} steps)...", flush=True)
-        model, record = train(sources[arm], settings, device)
+        model, record = train(sources[arm], settings, device, progress)
         started = time.perf_counter()
         dice = score(model, test, device)
         test_seconds = time.perf_counter() - started
@@ -356,6 +361,9 @@ def main() -> None:
                         f"(default {Settings.steps}: about 12 minutes for the whole benchmark on 2 CPU cores)")
     parser.add_argument("--batch-size", type=int, default=Settings.batch_size)
     parser.add_argument("--seed", type=int, default=Settings.seed)
+    parser.add_argument("--learning-rate", type=float, default=Settings.learning_rate, help="peak learning rate")
+    parser.add_argument("--crop", type=int, default=Settings.crop, help="side of the training crops (0: whole slices)")
+    parser.add_argument("--width", type=int, default=Settings.width, help="channels of the U-Net's first level")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--limit-generated", type=int, default=None, metavar="N", help="use the first N pairs only")
     parser.add_argument("--make-stand-in", choices=["train", "validate", "test"], default=None, metavar="SPLIT",
@@ -369,7 +377,8 @@ def main() -> None:
         return
     env = environment(args)
     device = resolve_device(args.device)
-    settings = Settings(steps=3 if args.quick else args.steps, batch_size=args.batch_size, seed=args.seed)
+    settings = Settings(steps=3 if args.quick else args.steps, batch_size=args.batch_size, seed=args.seed,
+                        learning_rate=args.learning_rate, crop=args.crop, width=args.width)
     command = shlex.join(["python", *sys.argv])
     print(command)
 
@@ -380,7 +389,7 @@ def main() -> None:
     print(f"training pairs: {len(real)} real, {len(generated)} generated, {len(real) + len(generated)} "
           f"real+generated; test pairs (real): {len(test)}; device {device}")
     with CpuShare() as share:
-        results = run_arms(real, generated, test, settings, device)
+        results = run_arms(real, generated, test, settings, device, progress=True)
     relative = ratios(results)
 
     print(f"\nsegmentation transfer: {env['machine']}, torch {env['torch']}, {env['threads']} threads; "
