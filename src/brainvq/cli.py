@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{PRIOR_DEFAULTS.attention_layers}; 0: the plain gated PixelCNN)")
     prior.set_defaults(handler=run_train_prior)
 
-    sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder")
+    sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder "
+                                                  "(with a label map beside each where the VQ-VAE is joint)")
     sampling.add_argument("run", type=Path, help="run folder with a trained VQ-VAE and prior")
     sampling.add_argument("--n", type=sample_count, default=16, help="number of samples (default 16)")
     sampling.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
@@ -359,7 +360,8 @@ def run_sample(args: argparse.Namespace) -> None:
 
     made = api.sample(args.run, args.n, args.out, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                       slice_position=args.slice_position, method=args.method, device=args.device)
-    print(f"wrote {made['n']} samples and samples_grid.png to {args.out} in {made['seconds']:.1f} s "
+    what = "samples with their label maps (_seg.png)" if made["labelled"] else "samples"
+    print(f"wrote {made['n']} {what} and samples_grid.png to {args.out} in {made['seconds']:.1f} s "
           f"({args.method} sampling)")
 
 
