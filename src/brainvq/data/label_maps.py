@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from brainvq.data.layout import MASK_CLASS_NAMES
 from brainvq.errors import ConfigError, DataError
 
 BACKGROUND, CSF, GREY_MATTER, WHITE_MATTER = range(4)
-# Class names a JSON label map uses, in class-index order.
-CLASS_NAMES = ("background", "csf", "grey_matter", "white_matter")
 
 # FreeSurfer's FreeSurferColorLUT labels of aseg, by class. Left/right pairs are listed together.
 FREESURFER_CLASSES = {
@@ -130,7 +129,7 @@ def load_label_map(spec: str | Path | None) -> LabelMap:
     """The label map a ``--label-map`` value names: None or ``"fast"``, ``"freesurfer"``, or a JSON file's path.
 
     Raises ConfigError naming the file if it cannot be read, is not a JSON object, or has a key that is not a
-    whole number or a value that is not one of :data:`CLASS_NAMES`.
+    whole number or a value that is not one of :data:`MASK_CLASS_NAMES`.
     """
     if spec is None or str(spec) == "fast":
         return FAST
@@ -150,7 +149,7 @@ def load_label_map(spec: str | Path | None) -> LabelMap:
             value = int(key)
         except ValueError:
             raise ConfigError(f"label map key {key!r} is not a whole number", path) from None
-        if name not in CLASS_NAMES:
-            raise ConfigError(f"label map value {name!r} (for {key}) is not one of {', '.join(CLASS_NAMES)}", path)
-        classes[value] = CLASS_NAMES.index(name)
+        if name not in MASK_CLASS_NAMES:
+            raise ConfigError(f"label map value {name!r} (for {key}) is not one of {', '.join(MASK_CLASS_NAMES)}", path)
+        classes[value] = MASK_CLASS_NAMES.index(name)
     return LabelMap(str(path), classes)

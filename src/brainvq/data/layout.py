@@ -43,8 +43,9 @@ SLICES_PER_CASE = 32
 # Part of the foreground's inferior-superior extent that slices cut from a volume span, as fractions from its
 # bottom: the middle, where OASIS's slices lie, skipping the extreme bottom and top where there is almost no brain.
 AXIAL_RANGE = (0.25, 0.85)
-# The pixel values of a segmentation mask, in class-index order: background, CSF, grey matter, white matter.
+# The pixel values of a segmentation mask, in class-index order, and the names of those classes.
 MASK_VALUES = (0, 85, 170, 255)
+MASK_CLASS_NAMES = ("background", "csf", "grey_matter", "white_matter")
 # Pixel value -> class index of a mask; len(MASK_VALUES) marks values that are no label.
 _MASK_CLASSES = np.full(256, len(MASK_VALUES), dtype=np.uint8)
 _MASK_CLASSES[list(MASK_VALUES)] = np.arange(len(MASK_VALUES))

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-TISSUE_NAMES = ("csf", "grey_matter", "white_matter")
+from brainvq.data.layout import MASK_CLASS_NAMES
+
+TISSUE_NAMES = MASK_CLASS_NAMES[1:]
 """Names of classes 1, 2 and 3; class 0, background, is left out of Dice (it would flatter every map)."""
 
 
