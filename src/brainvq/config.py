@@ -38,14 +38,16 @@ MAX_SEED = 2**32 - 1
 MAX_GRAD_NORM = 1.0
 
 
-# The demo's training minutes (sampling, evaluation and the report come on top: 25 minutes in all on a 2-core
-# CPU) and the VQ-VAE's share of them. The VQ-VAE's validation SSIM levels off after about 6 CPU minutes (0.956
-# at 6 min, 0.962 at 12 min) while the prior keeps improving for as long as it trains: the prior gets the most.
 # Once trained, the label map's cross-entropy (nats per pixel) is ~45x the image's mean squared error (0.034 against
 # 0.00074 after 1.5 minutes on an H200, benchmarks/RESULTS.md), so an equal weight would let the label map crowd the
 # image out of the loss; 0.05 makes the label term about twice the image's. Chosen by that ratio, not by a sweep.
 LABEL_WEIGHT = 0.05
-DEMO_MINUTES = 16.0
+
+# The demo's training minutes (sampling, evaluation and the report come on top: 25 minutes in all on a 2-core
+# CPU) and the VQ-VAE's share of them. The VQ-VAE's validation SSIM levels off after about 6 CPU minutes (0.956
+# at 6 min, 0.962 at 12 min) while the prior keeps improving for as long as it trains: the prior gets the most.
+# 15 minutes: with 16 the demo took 25 min 23 s on a 2-core AVX2 CPU once the cohort had masks (2026-11-30).
+DEMO_MINUTES = 15.0
 DEMO_VQVAE_SHARE = 0.35
 SAMPLES_EVALUATED = 256  # evaluate-samples' default n: 8 per OASIS slice position, 128 facing each held-out split
 

@@ -192,7 +192,7 @@ def _headline(run_dir: Path) -> str:
     ]
     if agreement := results.get("label_agreement"):
         rows.append(("label maps: tissue pixels inside their tissue's intensity range (of training pairs)",
-                     f"{agreement['samples']['all']:.3f}", f"{agreement['real_test']['all']:.3f}"))
+                     _format(agreement["samples"]["all"]), _format(agreement["real_test"]["all"])))
     body = "".join(f"<tr><td>{html.escape(name)}</td><td>{generated}</td><td>{real}</td></tr>"
                    for name, generated, real in rows)
     reconstruction = _read_json(run_dir / evaluation_file("test"))

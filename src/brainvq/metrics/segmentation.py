@@ -78,16 +78,16 @@ class IntensityRanges:
             ranges.append(torch.quantile(values, torch.tensor([tail, 1 - tail])))
         self.ranges = torch.stack(ranges)  # [3, 2]: (low, high) of CSF, grey matter, white matter
 
-    def agreement(self, images: Tensor, labels: Tensor) -> dict[str, float]:
+    def agreement(self, images: Tensor, labels: Tensor) -> dict[str, float | None]:
         """Share of each tissue's labelled pixels whose intensity lies in that tissue's range, and over all
-        tissue pixels ("all"); NaN for a tissue no pixel is labelled with."""
+        tissue pixels ("all"); None (JSON null) for a tissue no pixel is labelled with."""
         intensities, labels = images[:, 0].float().cpu(), labels.long().cpu()
         results, inside_total, count_total = {}, 0, 0
         for tissue, name in enumerate(TISSUE_NAMES, start=1):
             low, high = self.ranges[tissue - 1]
             values = intensities[labels == tissue]
             inside = int(((values >= low) & (values <= high)).sum())
-            results[name] = inside / len(values) if len(values) else float("nan")
+            results[name] = inside / len(values) if len(values) else None
             inside_total, count_total = inside_total + inside, count_total + len(values)
-        results["all"] = inside_total / count_total if count_total else float("nan")
+        results["all"] = inside_total / count_total if count_total else None
         return results
