@@ -54,13 +54,14 @@ from brainvq.data.dataset import load_split
 from brainvq.data.layout import MASK_VALUES, case_sort_key, read_mask, read_slice
 from brainvq.errors import DataError
 from brainvq.metrics.segmentation import TISSUE_NAMES, DiceCounter
+from brainvq.run import SAMPLE_MASK_SUFFIX, sample_mask_path, sample_path
 from brainvq.runtime import autocast, resolve_device, resolve_precision, seed_everything
 
 CLASSES = len(MASK_VALUES)
 TARGET_RATIO = 0.80
 ARMS = ("real", "generated", "real+generated")
 # A generated slice or its label map: <anything>_slice_<S>.png or <anything>_slice_<S>_seg.png.
-_SAMPLE_NAME = re.compile(r"(?P<stem>.+_slice_\d+)(?P<seg>_seg)?\.png")
+_SAMPLE_NAME = re.compile(rf"(?P<stem>.+_slice_\d+)(?P<seg>{SAMPLE_MASK_SUFFIX})?\.png")
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,9 @@ def write_pairs(pairs: Pairs, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     values = np.array(MASK_VALUES, dtype=np.uint8)
     for i, (image, label) in enumerate(zip(pairs.images, pairs.labels, strict=True)):
-        stem = f"sample_{i:04d}_slice_{i % 32}"
-        Image.fromarray(np.asarray(image)).save(out / f"{stem}.png")
-        Image.fromarray(values[np.asarray(label)]).save(out / f"{stem}_seg.png")
+        path = sample_path(out, i, i % 32)
+        Image.fromarray(np.asarray(image)).save(path)
+        Image.fromarray(values[np.asarray(label)]).save(sample_mask_path(path))
 
 
 def brain_boxes(images: np.ndarray) -> np.ndarray:

@@ -67,6 +67,7 @@ from brainvq.run import (
     reconstruction_grid,
     resumed_train_config,
     sample_mask_path,
+    sample_path,
     write_run_config,
 )
 from brainvq.runtime import prepare_module, resolve_device, resolve_precision, seed_everything, tf32_off
@@ -301,8 +302,7 @@ def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> 
     samples_grid.png into `out_dir`."""
     out_dir = Path(out_dir)
     generated = generate(run_dir, n, **options)
-    files = [out_dir / f"sample_{index:04d}_slice_{position}.png"
-             for index, position in enumerate(generated.positions.tolist())]
+    files = [sample_path(out_dir, index, position) for index, position in enumerate(generated.positions.tolist())]
     pixels = to_uint8(generated.images)
     for index, (image, file) in enumerate(zip(pixels, files, strict=True)):
         save_png(image, file)

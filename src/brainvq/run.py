@@ -57,9 +57,18 @@ def reconstruction_grid(split: str) -> str:
     return f"recon_{split}.png"
 
 
+SAMPLE_MASK_SUFFIX = "_seg"  # a generated label map's name: its slice's stem + this suffix
+
+
+def sample_path(out_dir: Path, index: int, position: int) -> Path:
+    """Where `sample` writes generated slice number `index`, made for slice position `position`:
+    out_dir/sample_0000_slice_12.png."""
+    return out_dir / f"sample_{index:04d}_slice_{position}.png"
+
+
 def sample_mask_path(sample_path: Path) -> Path:
     """Where `sample` writes a generated slice's label map: sample_0000_slice_12.png -> sample_0000_slice_12_seg.png."""
-    return sample_path.with_name(f"{sample_path.stem}_seg{sample_path.suffix}")
+    return sample_path.with_name(f"{sample_path.stem}{SAMPLE_MASK_SUFFIX}{sample_path.suffix}")
 
 
 # Fields that define the optimisation itself: a resumed run must keep them, or it is no longer the same run.
