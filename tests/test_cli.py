@@ -97,6 +97,19 @@ def test_a_new_run_refuses_to_overwrite_an_existing_one(tiny_cohort, tmp_path, c
     assert (run / "checkpoints" / "last.safetensors").read_bytes() == before
 
 
+def test_warmup_steps_sets_the_learning_rate_ramp_and_a_resume_may_not_change_it(tiny_cohort, tmp_path, capsys):
+    run = tmp_path / "run"
+    arguments = ["train-vqvae", "--data", str(tiny_cohort), "--out", str(run), *TRAIN_FAST, "--lr", "0.002"]
+    assert main([*arguments, "--max-steps", "2", "--warmup-steps", "4"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["warmup_steps"] == 4
+    # The learning rate of the epoch's last step (step 2 of 4 warm-up steps): half the peak.
+    lr = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lr[-1] == pytest.approx(0.002 * 2 / 4)
+    capsys.readouterr()
+    assert main([*arguments, "--max-steps", "3", "--warmup-steps", "5", "--resume"]) == 1
+    assert "warmup_steps" in capsys.readouterr().err
+
+
 def test_kill_during_training_then_resume_finishes_every_epoch_exactly_once(tiny_cohort, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "brainvq", "train-vqvae", "--data", str(tiny_cohort), "--out", str(run),

@@ -250,6 +250,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int,
                         help=f"images per step (default {TRAIN_DEFAULTS.batch_size})")
     parser.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default {TRAIN_DEFAULTS.lr:g})")
+    parser.add_argument("--warmup-steps", type=non_negative_int,
+                        help=f"steps of linear learning-rate warm-up (default {TRAIN_DEFAULTS.warmup_steps})")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                         help="bf16 autocast, fp32, or auto (default): bf16 where the GPU or CPU computes it natively")
     parser.add_argument("--device", type=device_name, help=DEVICE_HELP)
@@ -306,8 +308,8 @@ def run_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "lr", "precision", "device", "compile",
-                      "seed")
+TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "lr", "warmup_steps", "precision", "device",
+                      "compile", "seed")
 
 
 def _given_training_options(args: argparse.Namespace) -> dict[str, Any]:
