@@ -158,7 +158,7 @@ class TrainConfig:
     max_minutes: float | None = 14.0
     batch_size: int = 16
     lr: float = 1e-3
-    # 10, not 100: a default (14-minute) run on a 2-core CPU takes only 60-90 steps, so 100 kept it in warm-up to
+    # 10, not 100: a default (14-minute) run on a 2-core CPU takes only 60-110 steps, so 100 kept it in warm-up to
     # the end. At the 15-minute demo's 57 prior steps, warm-up 10 halved the prior's validation NLL (1.11 -> 0.61
     # bits/code) and lifted the VQ-VAE's test SSIM at its 81 steps (0.68 -> 0.79; benchmarks/RESULTS.md).
     warmup_steps: int = 10

@@ -66,9 +66,9 @@ def sample_path(out_dir: Path, index: int, position: int) -> Path:
     return out_dir / f"sample_{index:04d}_slice_{position}.png"
 
 
-def sample_mask_path(sample_path: Path) -> Path:
+def sample_mask_path(slice_file: Path) -> Path:
     """Where `sample` writes a generated slice's label map: sample_0000_slice_12.png -> sample_0000_slice_12_seg.png."""
-    return sample_path.with_name(f"{sample_path.stem}{SAMPLE_MASK_SUFFIX}{sample_path.suffix}")
+    return slice_file.with_name(f"{slice_file.stem}{SAMPLE_MASK_SUFFIX}{slice_file.suffix}")
 
 
 # Fields that define the optimisation itself: a resumed run must keep them, or it is no longer the same run.
