@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from brainvq.config import TrainConfig, VQVAEConfig, from_dict, load_json, save_json, to_dict
+from brainvq.config import PixelCNNConfig, TrainConfig, VQVAEConfig, from_dict, load_json, save_json, to_dict
 from brainvq.errors import ConfigError
 
 
@@ -13,6 +13,32 @@ def test_json_round_trip(tmp_path):
     values = load_json(tmp_path / "config.json")
     assert from_dict(VQVAEConfig, values["model"]) == model
     assert from_dict(TrainConfig, values["train"]) == train
+
+
+
+def test_prior_config_json_round_trip_with_and_without_a_context(tmp_path):
+    with_context = PixelCNNConfig(grid_size=64, context_codebook_size=128, context_grid_size=16)
+    save_json(tmp_path / "config.json", {"with": to_dict(with_context), "without": to_dict(PixelCNNConfig())})
+    values = load_json(tmp_path / "config.json")
+    assert from_dict(PixelCNNConfig, values["with"]) == with_context
+    # A config.json written before contexts existed has neither key: it loads as a prior without a context.
+    old = {key: value for key, value in values["without"].items() if not key.startswith("context_")}
+    assert from_dict(PixelCNNConfig, old) == PixelCNNConfig()
+    assert PixelCNNConfig().context_grid_size == 0 and PixelCNNConfig().context_codebook_size == 0
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"context_codebook_size": 16}, "must both be 0"),
+    ({"context_grid_size": 16}, "must both be 0"),
+    ({"context_codebook_size": 16, "context_grid_size": 24}, "context_grid_size = 24 must divide grid_size = 64"),
+    ({"context_codebook_size": 16, "context_grid_size": 16, "location_channels": 0}, "location_channels > 0"),
+    ({"context_codebook_size": 257, "context_grid_size": 16}, r"context_codebook_size = 257 .*0\.\.256"),
+    ({"context_codebook_size": 16, "context_grid_size": -1}, r"context_grid_size = -1 .*0\.\.512"),
+])
+def test_bad_prior_context_values_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        PixelCNNConfig(grid_size=64, **values).validate()
+    PixelCNNConfig(grid_size=64, context_codebook_size=16, context_grid_size=16).validate()
 
 
 @pytest.mark.parametrize(("values", "message"), [

@@ -1,17 +1,20 @@
 import pytest
 import torch
 
+from brainvq.errors import ConfigError
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.sampling import choose_codes, draw_uniforms, sample_fast, sample_naive
 
 
 def trained_looking_model(conditional: bool = True, grid_size: int = 8, attention_layers: int = 2,
-                          attention_block: int = 2) -> GatedPixelCNN:
+                          attention_block: int = 2, context_grid_size: int = 0) -> GatedPixelCNN:
     """Random weights scaled up so that logits are far from uniform, as after training; zero-initialised parts
-    (conditioning, location projection, position maps, attention output) made non-zero so that they count."""
+    (conditioning, location projection, position maps, attention output) made non-zero so that they count.
+    With `context_grid_size`, the prior is conditioned on a context grid of that side and 3 codes."""
     torch.manual_seed(0)
     config = PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional, grid_size=grid_size,
-                            attention_layers=attention_layers, attention_block=attention_block)
+                            attention_layers=attention_layers, attention_block=attention_block,
+                            context_codebook_size=3 if context_grid_size else 0, context_grid_size=context_grid_size)
     model = GatedPixelCNN(config).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.conditioning.weight)
@@ -85,3 +88,25 @@ def test_sampling_shows_a_progress_bar_over_the_rows_only_when_asked(capsys):
     assert capsys.readouterr().err == ""
     assert torch.equal(sample_fast(model, uniforms, torch.tensor([3]), progress=True), quiet)
     assert "sampling" in capsys.readouterr().err  # tqdm draws the bar on stderr
+
+
+def test_fast_sampling_gives_exactly_the_naive_code_grids_with_a_context():
+    model = trained_looking_model(attention_layers=1, context_grid_size=4)
+    uniforms = draw_uniforms(3, 8, torch.Generator().manual_seed(1))
+    positions = torch.tensor([0, 9, 20])
+    context = torch.randint(0, 3, (3, 4, 4), generator=torch.Generator().manual_seed(2))
+    naive = sample_naive(model, uniforms, positions, context=context)
+    fast = sample_fast(model, uniforms, positions, context=context)
+    assert torch.equal(fast, naive)
+    assert len(naive.unique()) > 1
+
+
+def test_samples_depend_on_the_context():
+    model = trained_looking_model(attention_layers=1, context_grid_size=4)
+    uniforms = draw_uniforms(2, 8, torch.Generator().manual_seed(1))
+    positions = torch.tensor([5, 5])
+    zeros, twos = torch.zeros(2, 4, 4, dtype=torch.int64), torch.full((2, 4, 4), 2)
+    assert not torch.equal(sample_fast(model, uniforms, positions, context=zeros),
+                           sample_fast(model, uniforms, positions, context=twos))
+    with pytest.raises(ConfigError, match="needs a context"):
+        sample_fast(model, uniforms, positions)

@@ -122,13 +122,15 @@ class PixelCNNConfig:
     attention_layers: int = 2  # causal attention blocks between the gated layers (0: the plain gated PixelCNN)
     attention_heads: int = 4
     attention_block: int = 4  # side of the square of codes each attention token summarises (divides grid_size)
+    context_codebook_size: int = 0  # codes of a coarser context grid the prior is conditioned on (0: no context)
+    context_grid_size: int = 0  # side of that context grid (divides grid_size; 0 with no context)
 
     def validate(self) -> None:
         # Upper bounds too: a tampered prior/config.json must not make the constructor allocate gigabytes.
         limits = {"codebook_size": (2, 256), "channels": (1, 1024), "layers": (1, 64), "kernel_size": (3, 15),
                   "positions": (1, 4096), "grid_size": (1, 512), "location_channels": (0, 256),
                   "position_map_size": (0, 64), "attention_layers": (0, 64), "attention_heads": (1, 64),
-                  "attention_block": (1, 512)}
+                  "attention_block": (1, 512), "context_codebook_size": (0, 256), "context_grid_size": (0, 512)}
         for key, (low, high) in limits.items():
             value = getattr(self, key)
             if not low <= value <= high or (key == "kernel_size" and value % 2 == 0):
@@ -141,6 +143,16 @@ class PixelCNNConfig:
                 raise ConfigError(f"attention_block = {self.attention_block} must divide grid_size = {self.grid_size}")
             if self.channels % self.attention_heads:
                 raise ConfigError(f"attention_heads = {self.attention_heads} must divide channels = {self.channels}")
+        if (self.context_codebook_size > 0) != (self.context_grid_size > 0):
+            raise ConfigError(f"context_codebook_size = {self.context_codebook_size} and context_grid_size = "
+                              f"{self.context_grid_size} must both be 0 (no context) or both be > 0")
+        if self.context_grid_size:
+            if self.grid_size % self.context_grid_size:
+                raise ConfigError(f"context_grid_size = {self.context_grid_size} must divide grid_size = "
+                                  f"{self.grid_size}")
+            if self.location_channels == 0:
+                # The context is added to the learnt location map: without one it has nowhere to enter.
+                raise ConfigError("a context (context_grid_size > 0) needs location_channels > 0")
 
     @property
     def attention_before(self) -> tuple[int, ...]:

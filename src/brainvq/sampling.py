@@ -48,15 +48,16 @@ def draw_uniforms(count: int, grid_size: int, generator: torch.Generator | None 
 
 @torch.no_grad()
 def sample_naive(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.Tensor | None = None, *,
-                 temperature: float = 1.0, top_k: int | None = None, progress: bool = False) -> torch.Tensor:
-    """uniforms [B, G, G] -> code grids [B, G, G], by a full forward pass per position (a progress bar over the
-    rows with `progress`)."""
+                 temperature: float = 1.0, top_k: int | None = None, progress: bool = False,
+                 context: torch.Tensor | None = None) -> torch.Tensor:
+    """uniforms [B, G, G] (and a context [B, Gc, Gc] int64 for a prior that takes one) -> code grids [B, G, G],
+    by a full forward pass per position (a progress bar over the rows with `progress`)."""
     batch, size, _ = uniforms.shape
     device = next(model.parameters()).device
     codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
     for row in _rows(size, progress):
         for column in range(size):
-            logits = model(codes, positions)[:, :, row, column]
+            logits = model(codes, positions, context)[:, :, row, column]
             codes[:, row, column] = choose_codes(logits, uniforms[:, row, column].to(device),
                                                  temperature=temperature, top_k=top_k)
     return codes
@@ -64,9 +65,10 @@ def sample_naive(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.
 
 @torch.no_grad()
 def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.Tensor | None = None, *,
-                temperature: float = 1.0, top_k: int | None = None, progress: bool = False) -> torch.Tensor:
-    """uniforms [B, G, G] -> code grids [B, G, G], computing only what each new code changes (a progress bar
-    over the rows with `progress`).
+                temperature: float = 1.0, top_k: int | None = None, progress: bool = False,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+    """uniforms [B, G, G] (and a context [B, Gc, Gc] int64 for a prior that takes one) -> code grids [B, G, G],
+    computing only what each new code changes (a progress bar over the rows with `progress`).
 
     This function only keeps the caches and calls the model's incremental steps in order: the layers' maths
     lives in the model (`first_*_step`, `GatedLayer.vertical_step` / `horizontal_step`, `BlockAttention.step`)."""
@@ -76,8 +78,9 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
                           f"{model.config.grid_size} grids")
     device = next(model.parameters()).device
     channels, reach, depth = model.config.channels, model.reach, len(model.layers)
+    model.check_context(context, batch)
     conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]
-    locations = model.location_maps()  # [layers, 2C, G, G]
+    locations = model.location_maps(context)  # [layers, 2C, G, G], or [layers, B, 2C, G, G] with a context
     position_map = model.position_map(positions, batch)  # [B or 1, C, G, G]
     codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
     # Embedded codes and each layer's vertical-stack input, zero-padded `reach` above and on both sides,
@@ -103,7 +106,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
         vertical[0][:, :, row + reach, reach:reach + size] = v[:, :, 0]
         links, biases = [], []
         for index, layer in enumerate(model.layers):
-            bias = layer_bias(conditioning[index], locations[index][:, row:row + 1], v.dtype)  # [B, 2C, 1, G]
+            bias = layer_bias(conditioning[index], locations[index][..., row:row + 1, :], v.dtype)  # [B, 2C, 1, G]
             v, link = layer.vertical_step(vertical[index][:, :, row:row + reach + 1], bias)
             links.append(link)
             biases.append(bias)

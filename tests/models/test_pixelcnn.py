@@ -154,3 +154,77 @@ def test_bf16_channels_last_training_matches_fp32_and_its_gates_run_in_bf16():
     handle.remove()
     assert gate_dtypes == [torch.bfloat16]
     torch.testing.assert_close(fast_logits.float(), model(codes, positions), rtol=0.05, atol=0.05)
+
+
+def context_model() -> GatedPixelCNN:
+    """A small prior over 8x8 grids conditioned on a 4x4 context grid, its zero-initialised parts made non-zero."""
+    torch.manual_seed(0)
+    config = PixelCNNConfig(codebook_size=5, channels=16, layers=3, kernel_size=3, grid_size=8, attention_layers=1,
+                            attention_block=2, context_codebook_size=3, context_grid_size=4)
+    model = GatedPixelCNN(config).double()
+    torch.nn.init.normal_(model.location_projection.weight)
+    torch.nn.init.normal_(model.position_maps)
+    for block in model.attention.values():
+        torch.nn.init.normal_(block.output.weight)
+        torch.nn.init.normal_(block.token_place)
+    return model
+
+
+def test_with_a_context_each_output_still_sees_no_code_at_or_after_its_own_position():
+    model = context_model()
+    codes, context = torch.randint(0, 5, (1, 8, 8)), torch.randint(0, 3, (1, 4, 4))
+    positions = torch.tensor([3])
+    with torch.no_grad():
+        logits = model(codes, positions, context).flatten(2)  # [1, K, G*G], raster order
+        for here in range(64):
+            changed = codes.clone().flatten()
+            changed[here] = (changed[here] + 1) % 5
+            other = model(changed.view(1, 8, 8), positions, context).flatten(2)
+            assert torch.equal(other[:, :, :here + 1], logits[:, :, :here + 1]), f"position {here} leaks"
+            if here < 63:
+                assert not torch.equal(other[:, :, here + 1:], logits[:, :, here + 1:])  # the code does count
+
+
+def test_the_context_changes_the_logits_where_its_code_changes():
+    model = context_model()
+    codes, context = torch.randint(0, 5, (2, 8, 8)), torch.randint(0, 3, (2, 4, 4))
+    with torch.no_grad():
+        logits = model(codes, None, context)
+        changed = context.clone()
+        changed[:, 3, 3] = (changed[:, 3, 3] + 1) % 3  # the bottom-right 2x2 square of the grid
+        other = model(codes, None, changed)
+        assert logits.shape == (2, 5, 8, 8)
+        assert not torch.allclose(logits[:, :, 6:, 6:], other[:, :, 6:, 6:])
+        # The context comes before every code: nothing earlier than the changed square can see it, so above it
+        # (rows 0..5) the logits stay exactly as they were.
+        assert torch.equal(logits[:, :, :6], other[:, :, :6])
+        # Nearest-neighbour upsampling: each context code covers its own 2x2 square of the location maps.
+        maps = model.location_maps(context)  # [layers, B, 2C, G, G]
+        assert maps.shape == (3, 2, 32, 8, 8)
+        square = torch.zeros(8, 8, dtype=torch.bool)
+        square[6:, 6:] = True
+        assert torch.equal((maps != model.location_maps(changed)).any(dim=(0, 1, 2)), square)
+
+
+def test_a_prior_without_context_has_no_context_parameters_and_contexts_are_checked():
+    plain = GatedPixelCNN(PixelCNNConfig(codebook_size=5, channels=8, layers=2, grid_size=8))
+    assert not hasattr(plain, "context_embedding")
+    assert not any("context" in key for key in plain.state_dict())  # old checkpoints load unchanged
+    codes = torch.randint(0, 5, (2, 8, 8))
+    with pytest.raises(ConfigError, match="no context"):
+        plain(codes, None, torch.zeros(2, 4, 4, dtype=torch.int64))
+    model = context_model()
+    assert model.context_embedding.weight.shape == (3, model.config.location_channels)
+    with pytest.raises(ConfigError, match="needs a context"):
+        model(codes)
+    with pytest.raises(ConfigError, match=r"expected int64 of shape \(2, 4, 4\)"):
+        model(codes, None, torch.zeros(2, 8, 8, dtype=torch.int64))
+    with pytest.raises(ConfigError, match=r"0\.\.2"):
+        model(codes, None, torch.full((2, 4, 4), 3))
+
+
+def test_the_layer_bias_takes_a_location_per_grid():
+    vector, location = torch.randn(3, 8), torch.randn(3, 8, 5, 5)
+    bias = layer_bias(vector, location, torch.float32)
+    assert bias.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(bias, vector[:, :, None, None] + location)

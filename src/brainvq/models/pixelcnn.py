@@ -1,7 +1,7 @@
 """Gated PixelCNN prior over code grids (van den Oord et al. 2016), without a blind spot.
 
 Input: code grids [B, G, G] (int64 in [0, K)) and, optionally, the slice position of each grid [B] (0..positions-1;
-0..31 for OASIS).
+0..31 for OASIS) and, for a prior configured with one, a coarser context code grid [B, Gc, Gc] (int64).
 Output: logits [B, K, G, G]; logits[:, :, r, c] depends only on codes before (r, c) in raster order.
 
 Two stacks of features keep that promise:
@@ -17,7 +17,10 @@ Conditioning (none of it depends on the codes, so causality holds):
   which lets a small receptive field know where in the slice it is;
 - a learnt coarse map per slice position (`position_map_size`^2 cells, bilinearly upsampled to the grid) is added
   to the embedded codes. A bias vector alone cannot say "at slice 0 the brain is small and the cerebellum sits
-  low": that needs position and location together, which this map gives every layer from the first.
+  low": that needs position and location together, which this map gives every layer from the first;
+- with `context_codebook_size` > 0, a coarser code grid [B, Gc, Gc] (the top level of a two-level VQ-VAE-2, say):
+  its codes are embedded, upsampled by nearest neighbour (each covers a (G/Gc)^2 square) and added to the
+  learnt location map, so the context enters each layer's bias exactly where the location does.
 
 Global reach: `attention_layers` causal attention blocks (models/attention.py) sit between gated layers and
 let every position see a coarse summary of the whole slice above it; with `attention_layers=0` this is the
@@ -50,14 +53,15 @@ def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 def layer_bias(vector: torch.Tensor, location: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """vector [B, 2C] + location [2C, R, W] -> bias [B, 2C, R, W] in `dtype`, stored channels-last.
+    """vector [B, 2C] + location [2C, R, W] or [B, 2C, R, W] (with a context) -> bias [B, 2C, R, W] in `dtype`,
+    stored channels-last.
 
     Why `dtype`: under autocast the convolutions give bf16, but the conditioning embedding stays fp32, and an
     fp32 bias would push every gate, and its backward, into fp32. Why channels-last: the backward pass sums the
     bias's gradient over the batch for `location`, and PyTorch (2.13, CPU) sums a channels-first tensor over
     dim 0 about 15x slower than the same numbers stored channels-innermost; it took 14% of a prior training step.
     """
-    bias = vector[:, None, None, :].to(dtype) + location.permute(1, 2, 0).to(dtype)  # [B, G, G, 2C]
+    bias = vector[:, None, None, :].to(dtype) + location.movedim(-3, -1).to(dtype)  # [B, R, W, 2C]
     return bias.contiguous().permute(0, 3, 1, 2)
 
 
@@ -130,6 +134,8 @@ class GatedPixelCNN(nn.Module):
         self.location = nn.Parameter(torch.randn(location_channels, size, size))
         self.location_projection = nn.Conv2d(location_channels, 2 * channels * self.config.layers, 1, bias=False)
         nn.init.zeros_(self.location_projection.weight)  # starts as no bias at all; learnt from there
+        if self.config.context_grid_size:  # only then: priors without a context keep their parameters
+            self.context_embedding = nn.Embedding(self.config.context_codebook_size, location_channels)
         map_size = self.config.position_map_size if self.config.conditional else 0
         self.position_maps = nn.Parameter(torch.zeros(conditions, channels, map_size, map_size))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
@@ -143,12 +149,38 @@ class GatedPixelCNN(nn.Module):
             raise ConfigError(f"slice positions must be in 0..{self.config.positions - 1}")
         return self.conditioning(positions).view(batch, self.config.layers, -1).transpose(0, 1)
 
-    def location_maps(self) -> torch.Tensor:
-        """Per-layer location biases [layers, 2C, G, G] (zeros when location_channels is 0)."""
+    def check_context(self, context: torch.Tensor | None, batch: int) -> None:
+        """Refuse a context [B, Gc, Gc] int64 that this prior does not take, or lacks when it needs one."""
+        side, codes = self.config.context_grid_size, self.config.context_codebook_size
+        if not side:
+            if context is not None:
+                raise ConfigError("this prior has no context (context_grid_size = 0), but a context was given")
+            return
+        expected = (batch, side, side)
+        if context is None:
+            raise ConfigError(f"this prior needs a context: code grids of shape {expected} (int64)")
+        if tuple(context.shape) != expected or context.dtype != torch.int64:
+            raise ConfigError(f"context is {context.dtype} of shape {tuple(context.shape)}, expected int64 of shape "
+                              f"{expected}")
+        if context.numel() and (context.min() < 0 or context.max() >= codes):
+            raise ConfigError(f"context codes must be in 0..{codes - 1}")
+
+    def location_maps(self, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-layer location biases: [layers, 2C, G, G] without a context (zeros when location_channels is 0);
+        with a context [B, Gc, Gc] int64 (see `check_context`), [layers, B, 2C, G, G]."""
         size, layers = self.config.grid_size, self.config.layers
-        if self.config.location_channels == 0:
+        if self.config.location_channels == 0:  # validate() allows no context then
             return torch.zeros(layers, 2 * self.config.channels, size, size, device=self.location.device)
-        return self.location_projection(self.location.unsqueeze(0)).view(layers, -1, size, size)
+        location = self.location.unsqueeze(0)  # [1, L, G, G]
+        if context is None:
+            return self.location_projection(location).view(layers, -1, size, size)
+        # Nearest-neighbour upsampling by repetition: exact for any integer factor, where F.interpolate computes
+        # source indices through a float scale.
+        scale = size // self.config.context_grid_size
+        embedded = self.context_embedding(context).movedim(-1, 1)  # [B, L, Gc, Gc]
+        embedded = embedded.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # [B, L, G, G]
+        maps = self.location_projection(location + embedded)  # [B, layers * 2C, G, G]
+        return maps.view(context.shape[0], layers, -1, size, size).transpose(0, 1)
 
     def position_map(self, positions: torch.Tensor | None, batch: int) -> torch.Tensor:
         """What is added to the embedded codes: [B, C, G, G] ([1, C, G, G] of zeros without a map)."""
@@ -174,13 +206,16 @@ class GatedPixelCNN(nn.Module):
         to the one left of the last; link [B, C, R, W] -> h [B, C, R, W], strictly left (and above, via link)."""
         return self.first_horizontal(x_left) + link
 
-    def forward(self, codes: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """codes [B, G, G] int64, positions [B] int64 or None -> logits [B, K, G, G]."""
+    def forward(self, codes: torch.Tensor, positions: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, G, G] int64, positions [B] int64 or None, context [B, Gc, Gc] int64 (exactly when the prior
+        is configured with one) -> logits [B, K, G, G]."""
         if codes.shape[-1] != self.config.grid_size or codes.shape[-2] != self.config.grid_size:
             raise ConfigError(f"code grids are {tuple(codes.shape[-2:])}, this prior models "
                               f"{self.config.grid_size}x{self.config.grid_size}")
+        self.check_context(context, codes.shape[0])
         conditioning = self.condition_vectors(positions, codes.shape[0], codes.device)
-        locations = self.location_maps()
+        locations = self.location_maps(context)  # [layers, 2C, G, G], or [layers, B, 2C, G, G] with a context
         x = self.embed(codes, self.position_map(positions, codes.shape[0]))
         # The last row (column) of x is never above (left of) a position: the first layer's windows end before it.
         v, link = self.first_vertical_step(_pad_above(x, self.reach, self.reach)[:, :, :-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,16 +19,24 @@ def code_dataset(grids: CodeGrids) -> TensorDataset:
     return TensorDataset(torch.from_numpy(grids.codes.astype("int64")), torch.from_numpy(grids.slice_indices))
 
 
+def prior_inputs(batch: Sequence[torch.Tensor],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batch (codes, positions) or (codes, positions, context) -> (codes, positions, context or None) on
+    `device`."""
+    context = batch[2].to(device) if len(batch) > 2 else None
+    return batch[0].to(device), batch[1].to(device), context
+
+
 @torch.no_grad()
 def nll_bits_per_code(model: GatedPixelCNN, dataset: TensorDataset, *, precision: str, batch_size: int = 64) -> float:
     """Mean negative log-likelihood of every code of `dataset` under `model`, in bits."""
     model.eval()
     device = next(model.parameters()).device
     total_nats, count = 0.0, 0
-    for codes, positions in DataLoader(dataset, batch_size=batch_size):
-        codes, positions = codes.to(device), positions.to(device)
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        codes, positions, context = prior_inputs(batch, device)
         with autocast(device, precision):
-            logits = model(codes, positions)
+            logits = model(codes, positions, context)
         total_nats += float(F.cross_entropy(logits.float(), codes, reduction="sum"))
         count += codes.numel()
     return total_nats / count / math.log(2)
@@ -46,10 +55,10 @@ class PriorTask:
     def start_epoch(self) -> None:
         pass
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = next(self.model.parameters()).device
-        codes, positions = batch[0].to(device), batch[1].to(device)
-        nats = F.cross_entropy(self.network(codes, positions).float(), codes)
+    def training_step(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch: (codes, positions) or (codes, positions, context)."""
+        codes, positions, context = prior_inputs(batch, next(self.model.parameters()).device)
+        nats = F.cross_entropy(self.network(codes, positions, context).float(), codes)
         return {"loss": nats, "bits_per_code": nats / math.log(2)}
 
     def epoch_metrics(self) -> dict[str, float]:
