@@ -37,8 +37,7 @@ def reconstruct_batches(model: VQVAE, dataset: Dataset, *, device: torch.device,
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         with autocast(device, precision):
             images, labels = prepare_batch(batch, device, precision)
-            codes = model.encode(images, labels)
-            reconstructions, reconstructed_labels = model.decode(codes)
+            codes, reconstructions, reconstructed_labels = model.reconstruct(images, labels)
         yield ReconstructedBatch(batch[0], reconstructions.float().cpu(), codes.cpu(),
                                  None if reconstructed_labels is None else batch[2].long(),
                                  None if reconstructed_labels is None else reconstructed_labels.cpu())

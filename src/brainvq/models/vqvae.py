@@ -23,6 +23,13 @@ from brainvq.config import VQVAEConfig
 from brainvq.models.quantizer import VectorQuantizer
 
 
+def nearest_code_grid(quantizer: VectorQuantizer, latents: torch.Tensor) -> torch.Tensor:
+    """latents [B, D, G, G] -> index of each position's nearest code [B, G, G] int64, in float32."""
+    with torch.autocast(latents.device.type, enabled=False):
+        flat = latents.float().permute(0, 2, 3, 1).reshape(-1, quantizer.code_dim)
+        return quantizer.nearest_codes(flat).view(latents.shape[0], latents.shape[2], latents.shape[3])
+
+
 class ResidualBlock(nn.Module):
     """x + conv1x1(relu(conv3x3(relu(x)))), channels C -> R -> C."""
 
@@ -131,16 +138,24 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """images [B, 1, S, S] (and labels [B, S, S] for a joint model) -> code indices [B, G, G] int64."""
-        z = self.encoder(self._inputs(images, labels))
-        with torch.autocast(z.device.type, enabled=False):
-            flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.config.code_dim)
-            return self.quantizer.nearest_codes(flat).view(z.shape[0], z.shape[2], z.shape[3])
+        return nearest_code_grid(self.quantizer, self.encoder(self._inputs(images, labels)))
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """code indices [B, G, G] -> (images [B, 1, S, S] clamped to [0, 1], label maps [B, S, S] int64 (the
         most likely class of each pixel) for a joint model, else None)."""
-        decoded = self.decoder(self.quantizer.lookup(indices)).float()
+        return self._images_and_labels(self.decoder(self.quantizer.lookup(indices)))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """encode, then decode: (code indices [B, G, G], images [B, 1, S, S], label maps [B, S, S] or None)."""
+        indices = self.encode(images, labels)
+        return indices, *self.decode(indices)
+
+    def _images_and_labels(self, decoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder's output [B, 1 + K, S, S] -> (images clamped to [0, 1], label maps [B, S, S] or None)."""
+        decoded = decoded.float()
         labels = decoded[:, 1:].argmax(1) if self.config.label_classes else None
         return decoded[:, :1].clamp(0, 1), labels
 
