@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -348,8 +349,6 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     generated = generate(run_dir, n, seed=seed, slice_position=positions.tolist(), device=device, progress=progress)
     samples = generated.images
     splits = {split: load_split(data_dir, split) for split in ("train", "validate", "test")}
-    real = {split: as_float_images(splits[split].images) for split in ("validate", "test")}
-    training_groups = _training_groups(splits["train"], n)
     vqvae, _, vqvae_device, precision = _ready_vqvae(run_dir, device, None)
     datasets = {split: _slice_dataset(slices, vqvae.config, data_dir) for split, slices in splits.items()}
 
@@ -357,6 +356,37 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
         return torch.cat([batch.reconstructions for batch in reconstruct_batches(
             vqvae, dataset, device=vqvae_device, precision=precision)])
 
+    results = {"n_generated": n} | measure_samples(samples, positions, splits, datasets, reconstructed,
+                                                   positions_count=prior.config.positions, seed=seed) | {
+        "prior_nll_bits_per_code": prior_nll,
+        "seconds_per_generated_image": generated.seconds / n,
+    }
+    real_test = as_float_images(splits["test"].images)
+    if generated.labels is not None:
+        results["label_agreement"] = _label_agreement(as_float_images(splits["train"].images), splits, generated,
+                                                      datasets["test"], vqvae, vqvae_device, precision)
+    if inception is not None:
+        count = results["frechet"]["n_per_side"]
+        results["fid"] = fid(real_test[:count].to(torch_device), samples[:count].to(torch_device), inception)
+    save_json(run_dir / SAMPLE_EVALUATION, results)
+    save_sample_pictures(run_dir, samples, positions, real_test, torch.from_numpy(splits["test"].slice_indices),
+                          seed)
+    if generated.labels is not None:
+        _save_sample_pairs(run_dir / SAMPLE_PAIRS, generated, splits["test"])
+    return results
+
+
+def measure_samples(samples: torch.Tensor, positions: torch.Tensor, splits: dict[str, SliceSet],
+                    datasets: dict[str, Dataset], reconstructed: Callable[[Dataset], torch.Tensor], *,
+                    positions_count: int, seed: int = 0) -> dict[str, Any]:
+    """The sample figures of `evaluate_samples` for any generator: samples [n, 1, S, S] in [0, 1] made for slice
+    `positions` [n], against the real slices of `splits` (train, validate, test) and, through `reconstructed`
+    (a SliceDataset of `datasets`, or a Subset of one -> its reconstructions [m, 1, S, S]), their
+    reconstructions by the generator's own VQ-VAE. Keys: "c2st", "position_error", "frechet",
+    "diversity_ms_ssim", "nearest_train_ssim" (evaluate_samples' docstring says what each is)."""
+    n = len(samples)
+    real = {split: as_float_images(splits[split].images) for split in ("validate", "test")}
+    training_groups = _training_groups(splits["train"], n)
     half = n // 2
     candidates = {"samples": (samples[:half], samples[half:]),
                   "real": tuple(as_float_images(splits["train"].images[group]) for group in training_groups)}
@@ -370,14 +400,13 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
                                                      seed=seed)
     train_images = as_float_images(splits["train"].images)
     train_positions = torch.from_numpy(splits["train"].slice_indices)
-    regressor = PositionRegressor(train_images, train_positions, prior.config.positions, seed=seed)
+    regressor = PositionRegressor(train_images, train_positions, positions_count, seed=seed)
     test_positions = torch.from_numpy(splits["test"].slice_indices)
     count = min(n, len(real["validate"]), len(real["test"]))  # the same n on both sides of each distance
     test_features = regressor.features(real["test"][:count])
     nearest = {"samples": nearest_ssim(samples, splits["train"].images),
                "real_test": nearest_ssim(real["test"], splits["train"].images)}
-    results = {
-        "n_generated": n,
+    return {
         "c2st": c2st_results,
         "position_error": {"samples": regressor.mean_absolute_error(samples, positions),
                            "real_test": regressor.mean_absolute_error(real["test"], test_positions)},
@@ -388,19 +417,7 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
         "diversity_ms_ssim": {"samples": mean_pairwise_ms_ssim(samples),
                               "real_test": mean_pairwise_ms_ssim(real["test"])},
         "nearest_train_ssim": {name: _summary(values) for name, values in nearest.items()},
-        "prior_nll_bits_per_code": prior_nll,
-        "seconds_per_generated_image": generated.seconds / n,
     }
-    if generated.labels is not None:
-        results["label_agreement"] = _label_agreement(train_images, splits, generated, datasets["test"], vqvae,
-                                                      vqvae_device, precision)
-    if inception is not None:
-        results["fid"] = fid(real["test"][:count].to(torch_device), samples[:count].to(torch_device), inception)
-    save_json(run_dir / SAMPLE_EVALUATION, results)
-    _save_sample_pictures(run_dir, samples, positions, real["test"], test_positions, seed)
-    if generated.labels is not None:
-        _save_sample_pairs(run_dir / SAMPLE_PAIRS, generated, splits["test"])
-    return results
 
 
 def _label_agreement(train_images: torch.Tensor, splits: dict[str, SliceSet], generated: Generated,
@@ -431,8 +448,8 @@ def _training_groups(train: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     return groups[0], groups[1]
 
 
-def _save_sample_pictures(run_dir: Path, generated: torch.Tensor, positions: torch.Tensor, test: torch.Tensor,
-                          test_positions: torch.Tensor, seed: int) -> None:
+def save_sample_pictures(run_dir: Path, generated: torch.Tensor, positions: torch.Tensor, test: torch.Tensor,
+                         test_positions: torch.Tensor, seed: int) -> None:
     """samples_grid.png (32 samples at random positions), samples_by_position.png (one per position, in order)
     and real_vs_generated_by_position.png (rows of real test slices, each above generated ones of the same
     positions)."""
