@@ -46,8 +46,9 @@ LABEL_WEIGHT = 0.05
 # The demo's training minutes (sampling, evaluation and the report come on top: 25 minutes in all on a 2-core
 # CPU) and the VQ-VAE's share of them. The VQ-VAE's validation SSIM levels off after about 6 CPU minutes (0.956
 # at 6 min, 0.962 at 12 min) while the prior keeps improving for as long as it trains: the prior gets the most.
-# 15 minutes: with 16 the demo took 25 min 23 s on a 2-core AVX2 CPU once the cohort had masks (2026-11-30).
-DEMO_MINUTES = 15.0
+# 13 minutes: on a 2-core AVX2 CPU the demo took 25 min 23 s with 16 (2026-11-30) and 26 min 20 s with 15 on a slow
+# day (2026-12-01), of which about 11 min are not training (cohort, encoding, sampling 256, evaluation, report).
+DEMO_MINUTES = 13.0
 DEMO_VQVAE_SHARE = 0.35
 SAMPLES_EVALUATED = 256  # evaluate-samples' default n: 8 per OASIS slice position, 128 facing each held-out split
 
