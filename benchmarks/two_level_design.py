@@ -121,7 +121,7 @@ def main() -> None:
     precision = resolve_precision(vqvae_train.precision, device)
     splits = {split: load_split(data_dir, split) for split in SPLITS}
     datasets = {split: SliceDataset(slices) for split, slices in splits.items()}
-    positions_count = int(splits["train"].slice_indices.max()) + 1
+    positions_count = api.slice_positions(data_dir)
 
     seed_everything(vqvae_train.seed)
     model = prepare_module(TwoLevelVQVAE(vqvae_config, top_downsample=args.top_downsample), device, precision)
