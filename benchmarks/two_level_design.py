@@ -60,7 +60,7 @@ from brainvq.runtime import (
 )
 from brainvq.sampling import draw_uniforms, sample_fast
 from brainvq.training.loop import train
-from brainvq.training.prior import PriorTask, nll_bits_per_code
+from brainvq.training.prior import PriorTask, new_prior, nll_bits_per_code
 from brainvq.training.vqvae import VQVAETask
 
 SPLITS = ("train", "validate", "test")
@@ -93,7 +93,7 @@ def train_prior(folder: Path, config: PixelCNNConfig, sets: dict[str, TensorData
                 device: torch.device) -> tuple[GatedPixelCNN, dict[str, float], int]:
     """A prior trained on sets["train"]: (best model, validation and test NLL in bits per code, steps taken)."""
     seed_everything(train_config.seed)  # the initial weights
-    model = prepare_module(GatedPixelCNN(config), device, train_config.precision)
+    model = prepare_module(new_prior(config, sets["train"]), device, train_config.precision)
     history = train(PriorTask(model, sets["validate"], precision=train_config.precision), sets["train"], folder,
                     train_config, device)
     best = load_best(GatedPixelCNN(config), folder).to(device)

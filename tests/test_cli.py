@@ -250,9 +250,15 @@ def test_a_folder_with_48_slice_positions_per_case_trains_and_samples_end_to_end
                  *TRAIN_FAST]) == 0
     assert main(["train-prior", str(run), "--max-steps", "1", "--channels", "8", "--layers", "2", *TRAIN_FAST]) == 0
     assert json.loads((run / "prior" / "config.json").read_text())["model"]["positions"] == 48
+    assert api.load_prior(run)[0].position_logits.shape == (48, 32, 32, 32)  # [positions, codes, G, G]
     assert main(["sample", str(run), "--n", "1", "--slice", "47", "--out", str(tmp_path / "samples")]) == 0
     assert main(["sample", str(run), "--n", "1", "--slice", "48", "--out", str(tmp_path / "none")]) == 1
     assert "slice position must be in 0..47, not 48" in capsys.readouterr().err
+    shutil.rmtree(run / "prior")
+    assert main(["train-prior", str(run), "--max-steps", "1", "--channels", "8", "--layers", "2", *TRAIN_FAST,
+                 "--no-position-logits"]) == 0
+    assert not json.loads((run / "prior" / "config.json").read_text())["model"]["position_logits"]
+    assert api.load_prior(run)[0].position_logits.numel() == 0
 
 
 def test_cache_list_and_clear(tiny_cohort, tmp_path, monkeypatch, capsys):

@@ -27,6 +27,17 @@ def test_prior_config_json_round_trip_with_and_without_a_context(tmp_path):
     assert PixelCNNConfig().context_grid_size == 0 and PixelCNNConfig().context_codebook_size == 0
 
 
+def test_a_prior_config_written_before_position_logits_describes_a_prior_without_them(tmp_path):
+    # New priors have them; a config.json without the key was written for a checkpoint without that tensor.
+    assert PixelCNNConfig().position_logits
+    save_json(tmp_path / "config.json", to_dict(PixelCNNConfig()))
+    values = load_json(tmp_path / "config.json")
+    assert from_dict(PixelCNNConfig, values) == PixelCNNConfig()
+    del values["position_logits"]
+    assert from_dict(PixelCNNConfig, values) == PixelCNNConfig(position_logits=False)
+    assert from_dict(PixelCNNConfig, values | {"position_logits": True}).position_logits
+
+
 @pytest.mark.parametrize(("values", "message"), [
     ({"context_codebook_size": 16}, "must both be 0"),
     ({"context_grid_size": 16}, "must both be 0"),

@@ -18,7 +18,7 @@ from brainvq.config import TrainConfig, VQVAEConfig
 from brainvq.data.dataset import load_split
 from brainvq.errors import ConfigError
 from brainvq.images import load_png
-from brainvq.models.pixelcnn import PixelCNNConfig
+from brainvq.models.pixelcnn import POSITION_LOGIT_SMOOTHING, PixelCNNConfig
 from brainvq.report import write_report
 from brainvq.sampling import sample_fast
 
@@ -64,6 +64,22 @@ def test_prior_reports_validation_and_test_bits_per_code(trained_run):
         assert 0 < results[f"{split}_nll_bits_per_code"] < 5
     history = [json.loads(line) for line in (trained_run / "prior" / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in history] == [1, 2]
+
+
+def test_the_prior_starts_from_the_code_frequencies_of_its_training_grids(trained_run):
+    codes = np.load(trained_run / "codes" / "train.npy").astype(np.int64)
+    positions = np.array(json.loads((trained_run / "codes" / "train.json").read_text())["slice_indices"])
+    counts = np.zeros((32, 32, 32, 32))  # [position, code, row, column]
+    rows, columns = np.indices(codes.shape[1:])
+    for grid, position in zip(codes, positions, strict=True):
+        np.add.at(counts[position], (grid, rows, columns), 1)
+    smoothed = counts + POSITION_LOGIT_SMOOTHING
+    initial = torch.from_numpy(np.log(smoothed / smoothed.sum(axis=1, keepdims=True))).float()
+    prior, _ = api.load_prior(trained_run)
+    # 16 training steps at a rate of at most 5e-3 move each logit by ~0.08 at most; the initial logits span
+    # several nats (a code seen at every grid of a place against codes never seen there).
+    assert float(initial.max() - initial.min()) > 3
+    torch.testing.assert_close(prior.position_logits.detach(), initial, rtol=0, atol=0.1)
 
 
 def test_sample_writes_pngs_and_a_grid_and_fast_equals_naive(trained_run, tmp_path):

@@ -9,7 +9,8 @@ from brainvq.sampling import choose_codes, draw_uniforms, sample_fast, sample_na
 def trained_looking_model(conditional: bool = True, grid_size: int = 8, attention_layers: int = 2,
                           attention_block: int = 2, context_grid_size: int = 0) -> GatedPixelCNN:
     """Random weights scaled up so that logits are far from uniform, as after training; zero-initialised parts
-    (conditioning, location projection, position maps, attention output) made non-zero so that they count.
+    (conditioning, location projection, position maps and logits, the head's output, attention output) made
+    non-zero so that they count.
     With `context_grid_size`, the prior is conditioned on a context grid of that side and 3 codes."""
     torch.manual_seed(0)
     config = PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional, grid_size=grid_size,
@@ -20,6 +21,8 @@ def trained_looking_model(conditional: bool = True, grid_size: int = 8, attentio
         torch.nn.init.normal_(model.conditioning.weight)
         torch.nn.init.normal_(model.location_projection.weight, std=0.3)
         torch.nn.init.normal_(model.position_maps)
+        torch.nn.init.normal_(model.position_logits, std=0.3)
+        torch.nn.init.normal_(model.head[-1].weight, std=0.3)
         for block in model.attention.values():
             for parameter in (block.output.weight, block.token_place, block.nothing_yet):
                 torch.nn.init.normal_(parameter, std=0.3)

@@ -45,7 +45,7 @@ from brainvq.metrics.samples import (
     nearest_ssim,
 )
 from brainvq.metrics.segmentation import TISSUE_NAMES, IntensityRanges
-from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
+from brainvq.models.pixelcnn import PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.reconstruction import measure_reconstructions, reconstruct_batches
 from brainvq.report import write_report
@@ -74,7 +74,7 @@ from brainvq.run import (
 from brainvq.runtime import prepare_module, resolve_device, resolve_precision, seed_everything, tf32_off
 from brainvq.sampling import draw_uniforms, sample_fast, sample_naive
 from brainvq.training.loop import train
-from brainvq.training.prior import PriorTask, code_dataset, nll_bits_per_code
+from brainvq.training.prior import PriorTask, code_dataset, new_prior, nll_bits_per_code
 from brainvq.training.vqvae import VQVAETask
 
 RECON_GRID_IMAGES = 8
@@ -186,7 +186,7 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
         barrier()
         grids = grids or _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision)
         seed_everything(train_config.seed)
-        model = prepare_module(GatedPixelCNN(prior_config), device, train_config.precision)
+        model = prepare_module(new_prior(prior_config, code_dataset(grids["train"])), device, train_config.precision)
         if not resume and is_main():
             write_run_config(prior_dir, prior_config, train_config)
         task = PriorTask(model, code_dataset(grids["validate"]), precision=train_config.precision)

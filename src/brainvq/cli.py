@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--attention-layers", type=non_negative_int,
                        help="causal attention blocks that give each code the whole slice above it (default "
                             f"{PRIOR_DEFAULTS.attention_layers}; 0: the plain gated PixelCNN)")
+    prior.add_argument("--no-position-logits", action="store_true",
+                       help="leave out the output logit per slice position, place and code that starts as the "
+                            "training grids' code frequencies (the design before 2026-12)")
     prior.set_defaults(handler=run_train_prior)
 
     sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder "
@@ -350,7 +353,7 @@ def run_train_prior(args: argparse.Namespace) -> None:
     else:
         model_options = {"channels": args.channels, "layers": args.layers, "attention_layers": args.attention_layers}
         prior_config = api.default_prior_config(
-            args.run, args.data, conditional=not args.unconditional,
+            args.run, args.data, conditional=not args.unconditional, position_logits=not args.no_position_logits,
             **{name: value for name, value in model_options.items() if value is not None})
         results = api.train_prior(args.run, data_dir=args.data, prior_config=prior_config,
                                   train_config=TrainConfig(**given), progress=not args.quiet)

@@ -22,6 +22,10 @@ from brainvq.errors import ConfigError
 
 T = TypeVar("T")
 
+# Field metadata key: the value a config file without that key stands for. A field added after configs were first
+# written may default to something new while old files keep describing what they described.
+ABSENT_MEANS = "absent_means"
+
 # Upper bounds of the network's sizes, well above any useful value (the defaults are 256, 128 and 2): they turn
 # a tampered or mistyped config.json into a ConfigError instead of an attempt to allocate gigabytes of weights
 # (at these bounds the VQ-VAE has about 100M weights, 400 MB).
@@ -120,6 +124,9 @@ class PixelCNNConfig:
     grid_size: int = 64  # side of the code grids (the VQ-VAE's image size / downsample)
     location_channels: int = 16  # learnt location map (0: none); tells each layer where in the grid it is
     position_map_size: int = 16  # side of the learnt per-position map added to the embedded codes (0: none)
+    # A learnt logit per slice position, grid location and code, added to the output. Configs written before it
+    # existed lack the key and describe priors without it (their checkpoints have no such tensor).
+    position_logits: bool = field(default=True, metadata={ABSENT_MEANS: False})
     attention_layers: int = 2  # causal attention blocks between the gated layers (0: the plain gated PixelCNN)
     attention_heads: int = 4
     attention_block: int = 4  # side of the square of codes each attention token summarises (divides grid_size)
@@ -211,9 +218,11 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], values: Any, *, source: str | Path = "config") -> T:
-    """Build and validate `cls` from a plain dict; unknown keys and wrongly typed values are refused."""
+    """Build and validate `cls` from a plain dict; unknown keys and wrongly typed values are refused. A missing
+    key takes the field's default, or what its absence means (`ABSENT_MEANS`) for keys added later."""
     if not isinstance(values, dict):
         raise ConfigError(f"expected a JSON object for {cls.__name__}", source)
+    values = {f.name: f.metadata[ABSENT_MEANS] for f in dataclasses.fields(cls) if ABSENT_MEANS in f.metadata} | values
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)

@@ -82,6 +82,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
     conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]
     locations = model.location_maps(context)  # [layers, 2C, G, G], or [layers, B, 2C, G, G] with a context
     position_map = model.position_map(positions, batch)  # [B or 1, C, G, G]
+    output_bias = model.output_bias(positions, batch)  # [B or 1, K, G, G]
     codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
     # Embedded codes and each layer's vertical-stack input, zero-padded `reach` above and on both sides,
     # exactly as the full forward pass pads them; row r of the grid is row r + reach of these buffers.
@@ -127,7 +128,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
                 h, contribution = layer.horizontal_step(h_rows[index][:, :, :, column:column + reach + 1], h,
                                                         links[index][:, :, :, here], biases[index][:, :, :, here])
                 skip = skip + contribution
-            logits = model.head(skip)[:, :, 0, 0]
+            logits = model.logits(skip, output_bias[:, :, row:row + 1, here])[:, :, 0, 0]
             chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature, top_k=top_k)
             codes[:, row, column] = chosen
             embedded[:, :, row + reach, column + reach] = model.embed(chosen, position_map[:, :, row, column])

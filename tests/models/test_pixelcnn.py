@@ -35,6 +35,8 @@ def test_each_output_sees_every_earlier_position_and_nothing_later(kernel_size, 
     model = GatedPixelCNN(config).double()
     torch.nn.init.normal_(model.location_projection.weight)  # trained location and position maps must not leak
     torch.nn.init.normal_(model.position_maps)
+    torch.nn.init.normal_(model.position_logits)
+    torch.nn.init.normal_(model.head[-1].weight)  # the head starts at zero: the output would see nothing
     for block in model.attention.values():  # nor may trained attention (its output starts at zero)
         torch.nn.init.normal_(block.output.weight)
         torch.nn.init.normal_(block.token_place)
@@ -65,6 +67,8 @@ def test_attention_gives_the_bottom_of_the_grid_the_top_that_the_stacks_cannot_r
     with_attention = GatedPixelCNN(config).double()
     for block in with_attention.attention.values():
         torch.nn.init.normal_(block.output.weight)
+    for model in (plain, with_attention):
+        torch.nn.init.normal_(model.head[-1].weight)
     for model, sees_the_top in ((plain, False), (with_attention, True)):
         gradient = input_gradients(model, codes, 15, 8)
         assert bool(gradient[:4].sum() > 0) == sees_the_top
@@ -74,6 +78,7 @@ def test_output_shape_and_slice_conditioning_changes_the_logits():
     torch.manual_seed(0)
     model = GatedPixelCNN(PixelCNNConfig(codebook_size=6, channels=8, layers=2, grid_size=4))
     torch.nn.init.normal_(model.conditioning.weight)
+    torch.nn.init.normal_(model.head[-1].weight)
     codes = torch.randint(0, 6, (2, 4, 4))
     logits = model(codes, torch.tensor([0, 0]))
     assert logits.shape == (2, 6, 4, 4)
@@ -96,6 +101,7 @@ def test_the_location_map_makes_the_logits_depend_on_where_a_position_is():
     config = PixelCNNConfig(codebook_size=6, channels=8, layers=1, kernel_size=3, grid_size=16, conditional=False,
                             attention_layers=0)  # the stacks alone: their reach is what this test counts on
     model = GatedPixelCNN(config)
+    torch.nn.init.normal_(model.head[-1].weight)
     # The same code everywhere, and two positions whose receptive fields (2 positions each way) stay off the
     # zero padding: only their location tells them apart.
     codes = torch.zeros(1, 16, 16, dtype=torch.int64)
@@ -110,6 +116,7 @@ def test_the_position_map_gives_each_slice_position_its_own_spatial_pattern():
     config = PixelCNNConfig(codebook_size=6, channels=8, layers=1, kernel_size=3, grid_size=16, position_map_size=4,
                             attention_layers=0)  # the stacks alone: their reach is what this test counts on
     model = GatedPixelCNN(config)
+    torch.nn.init.normal_(model.head[-1].weight)
     codes = torch.zeros(2, 16, 16, dtype=torch.int64)
     positions = torch.tensor([3, 30])
     assert torch.equal(model.position_map(positions, 2), torch.zeros(2, 8, 16, 16))  # zero-initialised
@@ -145,6 +152,7 @@ def test_bf16_channels_last_training_matches_fp32_and_its_gates_run_in_bf16():
     model = GatedPixelCNN(config)
     torch.nn.init.normal_(model.conditioning.weight)
     torch.nn.init.normal_(model.attention["1"].output.weight)
+    torch.nn.init.normal_(model.head[-1].weight)
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
     codes, positions = torch.randint(0, 6, (4, 8, 8)), torch.randint(0, 32, (4,))
     gate_dtypes = []
@@ -167,6 +175,7 @@ def context_model() -> GatedPixelCNN:
     for block in model.attention.values():
         torch.nn.init.normal_(block.output.weight)
         torch.nn.init.normal_(block.token_place)
+    torch.nn.init.normal_(model.head[-1].weight)
     return model
 
 
@@ -228,3 +237,33 @@ def test_the_layer_bias_takes_a_location_per_grid():
     bias = layer_bias(vector, location, torch.float32)
     assert bias.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(bias, vector[:, :, None, None] + location)
+
+
+def test_position_logits_start_as_the_smoothed_code_frequencies_of_each_place_of_each_slice_position():
+    config = PixelCNNConfig(codebook_size=4, channels=8, layers=2, grid_size=2, positions=3, attention_layers=0)
+    model = GatedPixelCNN(config)
+    codes = torch.tensor([[[2, 1], [1, 0]], [[2, 1], [1, 3]], [[0, 0], [0, 0]]])
+    positions = torch.tensor([1, 1, 2])
+    model.init_position_logits(codes, positions, smoothing=0.5)
+    with torch.no_grad():  # the head starts at zero, so the output is the position logits alone
+        probabilities = model(codes, positions).softmax(dim=1)
+        never_seen = model(codes[:1], torch.tensor([0])).softmax(dim=1)
+    # Slice position 1 has two grids: code 2 twice at the top left, codes 0 and 3 at the bottom right.
+    torch.testing.assert_close(probabilities[0, :, 0, 0], torch.tensor([0.5, 0.5, 2.5, 0.5]) / 4)
+    torch.testing.assert_close(probabilities[1, :, 1, 1], torch.tensor([1.5, 0.5, 0.5, 1.5]) / 4)
+    torch.testing.assert_close(probabilities[2, 0], torch.full((2, 2), 1.5 / 3))  # one grid of code 0
+    torch.testing.assert_close(never_seen, torch.full((1, 4, 2, 2), 0.25))  # no grid at slice position 0
+
+    unconditional = GatedPixelCNN(dataclasses.replace(config, conditional=False))
+    unconditional.init_position_logits(codes, positions, smoothing=0.5)  # one map for all three grids
+    assert unconditional.position_logits.shape == (1, 4, 2, 2)
+    torch.testing.assert_close(unconditional.position_logits.softmax(dim=1)[0, :, 0, 0],
+                               torch.tensor([1.5, 0.5, 2.5, 0.5]) / 5)
+
+
+def test_a_prior_without_position_logits_has_none_and_refuses_to_set_them():
+    model = GatedPixelCNN(PixelCNNConfig(codebook_size=4, channels=8, layers=2, grid_size=4, position_logits=False))
+    assert model.position_logits.numel() == 0
+    assert model.head[-1].weight.any()  # the network alone gives the output: its head is not zeroed
+    with pytest.raises(ConfigError, match="no position logits"):
+        model.init_position_logits(torch.zeros(1, 4, 4, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))

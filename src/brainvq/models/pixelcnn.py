@@ -18,6 +18,12 @@ Conditioning (none of it depends on the codes, so causality holds):
 - a learnt coarse map per slice position (`position_map_size`^2 cells, bilinearly upsampled to the grid) is added
   to the embedded codes. A bias vector alone cannot say "at slice 0 the brain is small and the cerebellum sits
   low": that needs position and location together, which this map gives every layer from the first;
+- with `position_logits`, a learnt logit per (slice position, grid location, code) is added to the output: the
+  log-frequency of each code at each place of each slice position, set from the training grids before training
+  (`init_position_logits`) while the head starts at zero. So from step 0 the prior draws the layout of each
+  position (where brain, ventricles and background lie), and the network learns what the codes around a
+  position add to it; left to learn that layout through the bias maps, a prior trained for minutes on a CPU
+  drew frame-filling texture (README, "Prior designs");
 - with `context_codebook_size` > 0, a coarser code grid [B, Gc, Gc] (the top level of a two-level VQ-VAE-2, say):
   its codes are embedded, upsampled by nearest neighbour (each covers a (G/Gc)^2 square) and added to the
   learnt location map, so the context enters each layer's bias exactly where the location does.
@@ -40,6 +46,10 @@ from torch import nn
 from brainvq.config import PixelCNNConfig
 from brainvq.errors import ConfigError
 from brainvq.models.attention import BlockAttention
+
+# Added to every count of `init_position_logits`: a code never seen at a place of a slice position (out of ~40
+# training grids there) starts ~6 nats below the commonest, unlikely but not impossible.
+POSITION_LOGIT_SMOOTHING = 0.1
 
 
 def _pad_above(x: torch.Tensor, rows: int, side: int) -> torch.Tensor:
@@ -140,6 +150,11 @@ class GatedPixelCNN(nn.Module):
         self.position_maps = nn.Parameter(torch.zeros(conditions, channels, map_size, map_size))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
                                   nn.Conv2d(channels, self.config.codebook_size, 1))
+        logit_maps = conditions if self.config.position_logits else 0
+        self.position_logits = nn.Parameter(torch.zeros(logit_maps, self.config.codebook_size, size, size))
+        if self.config.position_logits:  # the output starts as the position logits alone (see the docstring)
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     def condition_vectors(self, positions: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         """Per-layer conditioning biases [layers, B, 2C]; all-equal (a learnt bias) when unconditional."""
@@ -191,6 +206,39 @@ class GatedPixelCNN(nn.Module):
             positions = torch.zeros(batch, dtype=torch.int64, device=self.position_maps.device)
         return F.interpolate(self.position_maps[positions], size=(size, size), mode="bilinear", align_corners=False)
 
+    @torch.no_grad()
+    def init_position_logits(self, codes: torch.Tensor, positions: torch.Tensor | None,
+                             smoothing: float = POSITION_LOGIT_SMOOTHING) -> None:
+        """Set the position logits to the log-frequencies of the training code grids `codes` [N, G, G] int64
+        at their slice `positions` [N] int64 (None: unconditional), each count plus `smoothing`, so that a code
+        never seen at a place stays possible but unlikely there."""
+        if not self.config.position_logits:
+            raise ConfigError("this prior has no position logits (position_logits = false)")
+        if not self.config.conditional or positions is None:
+            positions = torch.zeros(len(codes), dtype=torch.int64)
+        size, codebook = self.config.grid_size, self.config.codebook_size
+        counts = torch.zeros(self.position_logits.shape[0] * size * size, codebook, dtype=torch.float64)
+        places = positions[:, None, None] * size * size + torch.arange(size * size).view(1, size, size)
+        counts.index_put_((places.flatten(), codes.flatten()), torch.ones(codes.numel(), dtype=torch.float64),
+                          accumulate=True)
+        frequencies = (counts + smoothing) / (counts + smoothing).sum(dim=1, keepdim=True)
+        logits = frequencies.log().view(-1, size, size, codebook).permute(0, 3, 1, 2)
+        self.position_logits.copy_(logits.to(self.position_logits))
+
+    def output_bias(self, positions: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """What is added to the head's output: [B, K, G, G] ([1, K, G, G] of zeros without position logits)."""
+        size = self.config.grid_size
+        if not self.config.position_logits:
+            return self.position_logits.new_zeros(1, self.config.codebook_size, size, size)
+        if not self.config.conditional or positions is None:
+            positions = torch.zeros(batch, dtype=torch.int64, device=self.position_logits.device)
+        return self.position_logits[positions]
+
+    def logits(self, skip: torch.Tensor, output_bias: torch.Tensor) -> torch.Tensor:
+        """The summed skip outputs [B, C, ...] and the matching slice of `output_bias` [B, K, ...] -> logits
+        [B, K, ...]."""
+        return self.head(skip) + output_bias
+
     def embed(self, codes: torch.Tensor, position_map: torch.Tensor) -> torch.Tensor:
         """codes [B, ...] and the matching slice of `position_map` [B, C, ...] -> embedded codes [B, C, ...]."""
         return self.embedding(codes).movedim(-1, 1) + position_map
@@ -226,4 +274,4 @@ class GatedPixelCNN(nn.Module):
                 h = self.attention[str(index)](h, x)
             v, h, contribution = layer(v, h, layer_bias(vector, location, v.dtype))
             skip = skip + contribution
-        return self.head(skip)
+        return self.logits(skip, self.output_bias(positions, codes.shape[0]))

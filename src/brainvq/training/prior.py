@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from brainvq.codes import CodeGrids
+from brainvq.config import PixelCNNConfig
 from brainvq.models.pixelcnn import GatedPixelCNN
 from brainvq.runtime import autocast
 
@@ -25,6 +26,16 @@ def prior_inputs(batch: Sequence[torch.Tensor],
     `device`."""
     context = batch[2].to(device) if len(batch) > 2 else None
     return batch[0].to(device), batch[1].to(device), context
+
+
+def new_prior(config: PixelCNNConfig, train_set: TensorDataset) -> GatedPixelCNN:
+    """A prior to train on `train_set` (items as `code_dataset` makes them): its position logits, if it has any,
+    set from those grids' code frequencies."""
+    model = GatedPixelCNN(config)
+    if config.position_logits:
+        codes, positions = train_set.tensors[:2]
+        model.init_position_logits(codes, positions)
+    return model
 
 
 @torch.no_grad()
