@@ -50,8 +50,8 @@ def figures(folder: Path) -> list[str]:
         low, high = c2st[name]["ci95"]
         return f"{c2st[name]['auc']:.3f} [{low:.2f}, {high:.2f}]"
 
-    return [folder.name, str(prior_model.attention_layers), "yes" if prior_model.position_logits else "no",
-            f"{minutes:.1f}", str(history[-1]["epoch"]),
+    return [folder.name, f"{prior_model.channels} x {prior_model.layers}", str(prior_model.attention_layers),
+            "yes" if prior_model.position_logits else "no", f"{minutes:.1f}", str(history[-1]["epoch"]),
             f"{results['prior_nll_bits_per_code']:.3f}",
             f"{results['position_error']['samples']:.2f} / {results['position_error']['real_test']:.2f}",
             f"{auc('samples_vs_reconstructed')} / {auc('real_vs_reconstructed')}",
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/prior_designs"), help="where design folders go")
     parser.add_argument("--design", help="name of the design folder to make (none: only print the table)")
     parser.add_argument("--attention-layers", type=int, help="the design's attention blocks (0: plain gated)")
+    parser.add_argument("--channels", type=int, help="the design's PixelCNN channels (default: the run's)")
+    parser.add_argument("--layers", type=int, help="the design's gated layers (default: the run's)")
     parser.add_argument("--position-logits", action=argparse.BooleanOptionalAction,
                         help="the design's output bias per slice position, location and code (default: the run's)")
     parser.add_argument("--continue-prior", action="store_true", help="resume the run's own prior instead")
@@ -82,18 +84,19 @@ def main() -> None:
         if args.continue_prior:
             api.train_prior(folder, resume=True, resume_overrides={"max_minutes": minutes})
         else:
-            layers = prior_model.attention_layers if args.attention_layers is None else args.attention_layers
-            logits = prior_model.position_logits if args.position_logits is None else args.position_logits
-            design = dataclasses.replace(prior_model, attention_layers=layers, position_logits=logits)
+            given = {"attention_layers": args.attention_layers, "position_logits": args.position_logits,
+                     "channels": args.channels, "layers": args.layers}
+            changes = {key: value for key, value in given.items() if value is not None}
+            design = dataclasses.replace(prior_model, **changes)
             api.train_prior(folder, prior_config=design,
                             train_config=dataclasses.replace(prior_train, max_minutes=minutes, data_dir=""))
         api.evaluate_samples(folder, n=args.n, seed=0)
     rows = [figures(folder) for folder in [args.run, *sorted(args.out.glob("*"))]
             if (folder / "eval_samples.json").is_file()]
     print(f"\nprior designs on {args.run}, {machine_description()}; each cell: samples / real")
-    print(table(["run", "attention layers", "position logits", "minutes trained", "epochs (last partial)",
-                 "test NLL bits/code", "position error", "C2ST vs reconstructed", "C2ST vs raw",
-                 "Fréchet (vs val-test)", "MS-SSIM diversity", "s per sample"], rows))
+    print(table(["run", "channels x layers", "attention layers", "position logits", "minutes trained",
+                 "epochs (last partial)", "test NLL bits/code", "position error", "C2ST vs reconstructed",
+                 "C2ST vs raw", "Fréchet (vs val-test)", "MS-SSIM diversity", "s per sample"], rows))
 
 
 if __name__ == "__main__":
