@@ -3,7 +3,7 @@ import torch
 
 from brainvq.config import VQVAEConfig
 from brainvq.errors import ConfigError
-from brainvq.models.vqvae import VQVAE
+from brainvq.models.vqvae import VQVAE, reconstruction_error
 
 SMALL = {"channels": 16, "residual_channels": 8, "code_dim": 8, "codebook_size": 16}
 
@@ -41,6 +41,17 @@ def test_loss_is_reconstruction_plus_codebook_plus_beta_commitment():
     assert torch.allclose(terms["loss"], expected)
     assert torch.allclose(terms["reconstruction"], (model(images).reconstruction - images).pow(2).mean(),
                           atol=1e-6)
+
+
+def test_reconstruction_error_forgives_only_pixels_that_the_clamp_makes_exact():
+    images = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.5, 0.0]).view(1, 1, 2, 3)
+    output = torch.tensor([-0.3, 0.2, 1.4, 0.9, -0.1, 0.0], requires_grad=True)
+    error = reconstruction_error(output.view(1, 1, 2, 3), images)
+    # Beyond a bound the image sits at: no error (decode clamps it exact). Inside [0, 1], or beyond the bound of
+    # an image in between (-0.1 for 0.5): the squared difference, so the gradient still pulls it back.
+    assert torch.isclose(error, torch.tensor((0.2**2 + 0.1**2 + 0.6**2) / 6))
+    error.backward()
+    assert output.grad[0] == 0 and output.grad[2] == 0 and output.grad[4] < 0
 
 
 def test_gradients_reach_the_encoder_through_the_quantizer():
