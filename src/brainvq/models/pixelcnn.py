@@ -158,11 +158,17 @@ class GatedPixelCNN(nn.Module):
 
     def condition_vectors(self, positions: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         """Per-layer conditioning biases [layers, B, 2C]; all-equal (a learnt bias) when unconditional."""
-        if not self.config.conditional or positions is None:
-            positions = torch.zeros(batch, dtype=torch.int64, device=device)
-        elif positions.min() < 0 or positions.max() >= self.config.positions:
+        rows = self._table_rows(positions, batch, device)
+        if rows.numel() and (rows.min() < 0 or rows.max() >= len(self.conditioning.weight)):
             raise ConfigError(f"slice positions must be in 0..{self.config.positions - 1}")
-        return self.conditioning(positions).view(batch, self.config.layers, -1).transpose(0, 1)
+        return self.conditioning(rows).view(batch, self.config.layers, -1).transpose(0, 1)
+
+    def _table_rows(self, positions: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """Which row of each per-position table (conditioning, position maps, position logits) the slices use:
+        `positions` [B] int64, or row 0 for all `batch` slices when the prior is unconditional or none are given."""
+        if not self.config.conditional or positions is None:
+            return torch.zeros(batch, dtype=torch.int64, device=device)
+        return positions
 
     def check_context(self, context: torch.Tensor | None, batch: int) -> None:
         """Refuse a context [B, Gc, Gc] int64 that this prior does not take, or lacks when it needs one."""
@@ -202,9 +208,8 @@ class GatedPixelCNN(nn.Module):
         size = self.config.grid_size
         if self.position_maps.shape[-1] == 0:
             return self.position_maps.new_zeros(1, self.config.channels, size, size)
-        if positions is None:
-            positions = torch.zeros(batch, dtype=torch.int64, device=self.position_maps.device)
-        return F.interpolate(self.position_maps[positions], size=(size, size), mode="bilinear", align_corners=False)
+        rows = self._table_rows(positions, batch, self.position_maps.device)
+        return F.interpolate(self.position_maps[rows], size=(size, size), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def init_position_logits(self, codes: torch.Tensor, positions: torch.Tensor | None,
@@ -214,11 +219,10 @@ class GatedPixelCNN(nn.Module):
         never seen at a place stays possible but unlikely there."""
         if not self.config.position_logits:
             raise ConfigError("this prior has no position logits (position_logits = false)")
-        if not self.config.conditional or positions is None:
-            positions = torch.zeros(len(codes), dtype=torch.int64)
+        rows = self._table_rows(positions, len(codes), codes.device)
         size, codebook = self.config.grid_size, self.config.codebook_size
         counts = torch.zeros(self.position_logits.shape[0] * size * size, codebook, dtype=torch.float64)
-        places = positions[:, None, None] * size * size + torch.arange(size * size).view(1, size, size)
+        places = rows[:, None, None] * size * size + torch.arange(size * size).view(1, size, size)
         counts.index_put_((places.flatten(), codes.flatten()), torch.ones(codes.numel(), dtype=torch.float64),
                           accumulate=True)
         frequencies = (counts + smoothing) / (counts + smoothing).sum(dim=1, keepdim=True)
@@ -230,9 +234,7 @@ class GatedPixelCNN(nn.Module):
         size = self.config.grid_size
         if not self.config.position_logits:
             return self.position_logits.new_zeros(1, self.config.codebook_size, size, size)
-        if not self.config.conditional or positions is None:
-            positions = torch.zeros(batch, dtype=torch.int64, device=self.position_logits.device)
-        return self.position_logits[positions]
+        return self.position_logits[self._table_rows(positions, batch, self.position_logits.device)]
 
     def logits(self, skip: torch.Tensor, output_bias: torch.Tensor) -> torch.Tensor:
         """The summed skip outputs [B, C, ...] and the matching slice of `output_bias` [B, K, ...] -> logits
