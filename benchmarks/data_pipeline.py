@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader
 from train_throughput import vqvae_step
 
 from brainvq.api import make_demo_data, train_vqvae
-from brainvq.config import TrainConfig, VQVAEConfig
+from brainvq.config import VQVAE_BATCH_SIZE, TrainConfig, VQVAEConfig
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.training.loop import epoch_loader
 
@@ -107,7 +107,7 @@ class MemoryWatch:
 def child(data_dir: Path, run_dir: Path, epochs: int, quick: bool) -> None:
     """`epochs` epochs of `train_vqvae` in this (fresh) process; prints time and memory as one JSON line."""
     at_start = MemoryWatch.read()
-    config = TrainConfig(epochs=epochs, max_minutes=None, val_images=32)
+    config = TrainConfig(epochs=epochs, max_minutes=None, batch_size=VQVAE_BATCH_SIZE, val_images=32)
     with MemoryWatch() as watch:
         started = time.perf_counter()
         history = train_vqvae(data_dir, run_dir, train_config=config, progress=False,
@@ -146,12 +146,12 @@ def cohort(workdir: Path, train_cases: int) -> Path:
 def loading_against_training(data_dir: Path, cache_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Part 1: images/s of the loader alone, of training steps alone, and of both as the loop runs them."""
     train_set = SliceDataset(load_split(data_dir, "train", cache_dir=cache_dir))
-    batch_size = TrainConfig().batch_size
+    batch_size = VQVAE_BATCH_SIZE
     step = vqvae_step("bf16", False, batch_size, QUICK_MODEL if args.quick else VQVAEConfig())
     epochs = itertools.count(1)
 
     def loader() -> DataLoader:  # the training loop's own loader of one epoch
-        return epoch_loader(train_set, TrainConfig(), next(epochs), torch.device("cpu"))
+        return epoch_loader(train_set, TrainConfig(batch_size=batch_size), next(epochs), torch.device("cpu"))
 
     def loading() -> float:
         delivered = 0
@@ -268,7 +268,7 @@ def main() -> None:
                  "RSS after imports MiB", "peak RSS MiB", "peak anon MiB", "peak file MiB", "cache MiB"], rows))
     print(growth_share.line())
     write_json(json_path(args, "data_pipeline"), {
-        "benchmark": "data_pipeline", **env, "quick": args.quick, "batch_size": TrainConfig().batch_size,
+        "benchmark": "data_pipeline", **env, "quick": args.quick, "batch_size": VQVAE_BATCH_SIZE,
         "loading_against_training": pipeline, "cost_growth": growth,
         "cpu_share": {"loading_against_training": pipeline_share.record(), "cost_growth": growth_share.record()},
         "load_split": {str(cases): value for cases, value in loads.items()}})

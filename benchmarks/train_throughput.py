@@ -51,7 +51,7 @@ from peak import REFERENCE_SIZE, peak_gflops
 from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from brainvq.config import TrainConfig, VQVAEConfig
+from brainvq.config import PRIOR_BATCH_SIZE, TrainConfig, VQVAEConfig
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.runtime import autocast, prepare_module
@@ -162,7 +162,8 @@ def prepare_variant(model: str, variant: str, args: argparse.Namespace) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
+    parser.add_argument("--batch-size", type=int, default=PRIOR_BATCH_SIZE,
+                        help=f"images or code grids per step of both models (default {PRIOR_BATCH_SIZE}, the prior's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="training steps per round and variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after the first one")

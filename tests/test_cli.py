@@ -10,6 +10,7 @@ import pytest
 
 from brainvq import api
 from brainvq.cli import build_parser, main
+from brainvq.config import PRIOR_BATCH_SIZE, VQVAE_BATCH_SIZE
 from brainvq.errors import CheckpointError
 
 TRAIN_FAST = ["--batch-size", "8", "--quiet", "--max-minutes", "0"]
@@ -95,6 +96,16 @@ def test_a_new_run_refuses_to_overwrite_an_existing_one(tiny_cohort, tmp_path, c
     assert main(arguments) == 1
     assert "--resume" in capsys.readouterr().err
     assert (run / "checkpoints" / "last.safetensors").read_bytes() == before
+
+
+def test_each_model_trains_with_its_own_default_batch_size(tiny_cohort, tmp_path):
+    run = tmp_path / "run"
+    quick = ["--max-steps", "1", "--quiet", "--max-minutes", "0"]
+    assert main(["train-vqvae", "--data", str(tiny_cohort), "--out", str(run), "--downsample", "8", *quick]) == 0
+    assert main(["train-prior", str(run), "--channels", "8", "--layers", "2", *quick]) == 0
+    batch_sizes = [json.loads((folder / "config.json").read_text())["train"]["batch_size"]
+                   for folder in (run, run / "prior")]
+    assert batch_sizes == [VQVAE_BATCH_SIZE, PRIOR_BATCH_SIZE]
 
 
 def test_warmup_steps_sets_the_learning_rate_ramp_and_a_resume_may_not_change_it(tiny_cohort, tmp_path, capsys):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from brainvq import api
 from brainvq.cli import main
-from brainvq.config import TrainConfig, VQVAEConfig
+from brainvq.config import SAMPLING_TEMPERATURE, TrainConfig, VQVAEConfig
 from brainvq.data.dataset import load_split
 from brainvq.errors import ConfigError
 from brainvq.images import load_png
@@ -112,6 +112,19 @@ def test_cli_sample_rejects_invalid_values_with_one_line(trained_run, tmp_path, 
         main(["sample", str(trained_run), "--out", str(tmp_path), "--temperature", "0"])
 
 
+def test_evaluate_samples_draws_with_the_temperature_and_top_k_given(trained_run, monkeypatch):
+    class Drawn(Exception):
+        pass
+
+    def spying_generate(run_dir, n, **options):
+        raise Drawn(options["temperature"], options["top_k"])
+
+    monkeypatch.setattr(api, "generate", spying_generate)
+    with pytest.raises(Drawn) as drawn:
+        main(["evaluate-samples", str(trained_run), "--n", "4", "--temperature", "0.8", "--top-k", "5"])
+    assert drawn.value.args == (0.8, 5)
+
+
 class ImageCounter(HTMLParser):
     def __init__(self):
         super().__init__()
@@ -143,6 +156,7 @@ def test_evaluate_samples_then_report(trained_run, tiny_cohort):
     assert results["frechet"]["n_per_side"] == 16
     assert set(results["diversity_ms_ssim"]) == set(results["nearest_train_ssim"]) == {"samples", "real_test"}
     assert results["prior_nll_bits_per_code"] > 0
+    assert (results["temperature"], results["top_k"]) == (SAMPLING_TEMPERATURE, None)  # the sampling settings measured
     assert (trained_run / "samples_grid.png").exists()
     # The samples were asked for at positions 0..15 (sample i at i % 32), one of each: samples_by_position.png
     # shows all 16 in two full rows, and each generated row of real_vs_generated_by_position.png sits below the

@@ -23,8 +23,10 @@ from brainvq.config import (
     DEMO_MINUTES,
     DEMO_VQVAE_SHARE,
     SAMPLES_EVALUATED,
+    SAMPLING_TEMPERATURE,
     TrainConfig,
     VQVAEConfig,
+    default_batch_size,
     load_json,
     save_json,
 )
@@ -228,19 +230,26 @@ def _run_settings(folder: Path, model_class: type, model_config: Any, train_conf
     Otherwise: the given settings, validated, refusing to overwrite a run that is already there."""
     if resume:
         model_config, saved = read_run_config(folder, model_class)
-        return model_config, resumed_train_config(saved, overrides or {}, folder)
+        return model_config, _with_batch_size(resumed_train_config(saved, overrides or {}, folder), model_class)
     # A config.json without a checkpoint is a run that failed before its first epoch: nothing to lose by
     # starting it again, and a user who fixed the mistake should not be told to resume a run that never began.
     if (folder / CONFIG_FILE).exists() and (folder / LAST_CHECKPOINT).exists():
         raise ConfigError("already holds a training run; pass --resume to continue it or choose a new "
                           "output folder", folder)
-    train_config = train_config or TrainConfig()
+    train_config = _with_batch_size(train_config or TrainConfig(), model_class)
     train_config.validate()
     # The run records the precision it trains in, so that a resume (or an evaluation) elsewhere keeps it.
     precision = resolve_precision(train_config.precision, resolve_device(train_config.device))
     train_config = dataclasses.replace(train_config, data_dir=str(Path(data_dir).resolve()), precision=precision)
     model_config.validate()
     return model_config, train_config
+
+
+def _with_batch_size(train_config: TrainConfig, model_class: type) -> TrainConfig:
+    """`train_config` with its batch size, the model's default where it gives none."""
+    if train_config.batch_size is not None:
+        return train_config
+    return dataclasses.replace(train_config, batch_size=default_batch_size(model_class))
 
 
 def _all_code_grids(run_dir: Path, data_dir: Path, device: str, precision: str) -> dict[str, CodeGrids]:
@@ -260,9 +269,9 @@ class Generated:
     seconds: float
 
 
-def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
-             slice_position: int | list[int] | None = None, method: str = "fast", device: str = "auto",
-             progress: bool = True) -> Generated:
+def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float = SAMPLING_TEMPERATURE,
+             top_k: int | None = None, slice_position: int | list[int] | None = None, method: str = "fast",
+             device: str = "auto", progress: bool = True) -> Generated:
     """Sample `n` code grids from the run's prior and decode them with its VQ-VAE (into slices and, for a joint
     VQ-VAE, their label maps).
 
@@ -315,9 +324,11 @@ def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> 
 
 
 def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = SAMPLES_EVALUATED,
-                     seed: int = 0, device: str = "auto", fid_weights: str | Path | None = None,
+                     seed: int = 0, temperature: float = SAMPLING_TEMPERATURE, top_k: int | None = None,
+                     device: str = "auto", fid_weights: str | Path | None = None,
                      progress: bool = True) -> dict[str, Any]:
-    """How far `n` samples are from real slices, each measure beside the same measure on real slices; writes
+    """How far `n` samples (drawn with `temperature` and `top_k`, as `generate` does) are from real slices, each
+    measure beside the same measure on real slices; writes
     RUN/eval_samples.json, samples_grid.png, samples_by_position.png and real_vs_generated_by_position.png, and
     returns the figures. The samples cover every slice position equally (position i % positions for sample i).
 
@@ -346,7 +357,8 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     data_dir = _data_dir(run_dir, data_dir)
     prior, _ = load_prior(run_dir)
     positions = torch.arange(n) % prior.config.positions
-    generated = generate(run_dir, n, seed=seed, slice_position=positions.tolist(), device=device, progress=progress)
+    generated = generate(run_dir, n, seed=seed, temperature=temperature, top_k=top_k,
+                         slice_position=positions.tolist(), device=device, progress=progress)
     samples = generated.images
     splits = {split: load_split(data_dir, split) for split in ("train", "validate", "test")}
     vqvae, _, vqvae_device, precision = _ready_vqvae(run_dir, device, None)
@@ -356,11 +368,10 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
         return torch.cat([batch.reconstructions for batch in reconstruct_batches(
             vqvae, dataset, device=vqvae_device, precision=precision)])
 
-    results = {"n_generated": n} | measure_samples(samples, positions, splits, datasets, reconstructed,
-                                                   positions_count=prior.config.positions, seed=seed) | {
-        "prior_nll_bits_per_code": prior_nll,
-        "seconds_per_generated_image": generated.seconds / n,
-    }
+    results = {"n_generated": n, "temperature": temperature, "top_k": top_k}
+    results |= measure_samples(samples, positions, splits, datasets, reconstructed,
+                               positions_count=prior.config.positions, seed=seed)
+    results |= {"prior_nll_bits_per_code": prior_nll, "seconds_per_generated_image": generated.seconds / n}
     real_test = as_float_images(splits["test"].images)
     if generated.labels is not None:
         results["label_agreement"] = _label_agreement(as_float_images(splits["train"].images), splits, generated,

@@ -19,7 +19,10 @@ from brainvq.config import (
     DEMO_VQVAE_SHARE,
     DEVICE_NAMES,
     MAX_SEED,
+    PRIOR_BATCH_SIZE,
     SAMPLES_EVALUATED,
+    SAMPLING_TEMPERATURE,
+    VQVAE_BATCH_SIZE,
     PixelCNNConfig,
     TrainConfig,
     VQVAEConfig,
@@ -95,6 +98,13 @@ CHECKPOINT_CHOICES = ("best", "last")  # run.CHECKPOINTS' keys (a test checks), 
 def minutes(text: str) -> float:
     """--max-minutes: a positive number, or 0 (written any way: 0, 0.0, 0e0) for no time limit."""
     return 0.0 if number(text) == 0 else positive_float(text)
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """--temperature and --top-k, for `sample` and for `evaluate-samples` (which measures samples drawn so)."""
+    parser.add_argument("--temperature", type=positive_float, default=SAMPLING_TEMPERATURE,
+                        help=f"softmax temperature (> 0; default {SAMPLING_TEMPERATURE:g})")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,8 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--n", type=sample_count, default=16, help="number of samples (default 16)")
     sampling.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
     sampling.add_argument("--seed", type=seed, default=0)
-    sampling.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature (> 0)")
-    sampling.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codes")
+    add_sampling_options(sampling)
     sampling.add_argument("--slice", type=non_negative_int, default=None, dest="slice_position", metavar="S",
                           help="slice position of every sample, 0..positions-1 (0..31 for OASIS; default: drawn "
                                "at random)")
@@ -212,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    help=f"samples to generate (default {SAMPLES_EVALUATED}; half face each held-out "
                                         "split)")
     sample_evaluation.add_argument("--seed", type=seed, default=0)
+    add_sampling_options(sample_evaluation)
     sample_evaluation.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     sample_evaluation.add_argument("--fid-weights", type=Path, metavar="FILE",
                                    help="FID Inception weights (safetensors, made by scripts/convert_fid_weights.py):"
@@ -251,7 +261,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=minutes, help="stop after this many minutes of training in total "
                                                               f"(default {TRAIN_DEFAULTS.max_minutes:g}; 0: no limit)")
     parser.add_argument("--batch-size", type=positive_int,
-                        help=f"images per step (default {TRAIN_DEFAULTS.batch_size})")
+                        help=f"images per step (default {VQVAE_BATCH_SIZE} for the VQ-VAE, {PRIOR_BATCH_SIZE} "
+                             "code grids for the prior; larger on a GPU)")
     parser.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default {TRAIN_DEFAULTS.lr:g})")
     parser.add_argument("--warmup-steps", type=non_negative_int,
                         help=f"steps of linear learning-rate warm-up (default {TRAIN_DEFAULTS.warmup_steps})")
@@ -390,7 +401,8 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
     from brainvq import api
 
     print(json.dumps(api.evaluate_samples(args.run, data_dir=args.data, n=args.n, seed=args.seed,
-                                          device=args.device, fid_weights=args.fid_weights), indent=2))
+                                          temperature=args.temperature, top_k=args.top_k, device=args.device,
+                                          fid_weights=args.fid_weights), indent=2))
 
 
 def run_report(args: argparse.Namespace) -> None:
