@@ -197,9 +197,10 @@ class TrainConfig:
     max_minutes: float | None = 14.0
     batch_size: int | None = None  # images per step; None: the model's default (`default_batch_size`)
     lr: float = 1e-3
-    # 10, not 100: a default (14-minute) run on a 2-core CPU takes only 60-110 steps, so 100 kept it in warm-up to
-    # the end. At the 15-minute demo's 57 prior steps, warm-up 10 halved the prior's validation NLL (1.11 -> 0.61
-    # bits/code) and lifted the VQ-VAE's test SSIM at its 81 steps (0.68 -> 0.79; benchmarks/RESULTS.md).
+    # 10, not 100: a default (14-minute) run on a 2-core CPU took only 60-110 steps at batch 16 (hundreds at
+    # today's smaller default batches), so 100 kept it in warm-up to the end. At the 15-minute demo's 57 prior
+    # steps, warm-up 10 halved the prior's validation NLL (1.11 -> 0.61 bits/code) and lifted the VQ-VAE's test
+    # SSIM at its 81 steps (0.68 -> 0.79; benchmarks/RESULTS.md).
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float | None = MAX_GRAD_NORM  # gradients are clipped to this global norm (None: never)
