@@ -178,6 +178,7 @@ def test_evaluate_samples_then_report(trained_run, tiny_cohort):
     # real vs generated, sample grid, samples by position, reconstructions, curves, codebook histogram
     assert counter.embedded == 6 and counter.external == []
     assert "No " not in text  # every section found its inputs
+    assert f"16 samples, temperature {SAMPLING_TEMPERATURE:g}" in text  # how the measured samples were drawn
     # The headline figures come first, the settings last.
     assert text.index("Headline figures") < text.index("Generated slices") < text.index("Settings")
 

@@ -199,7 +199,10 @@ def _headline(run_dir: Path) -> str:
     recon = (f"<p>Reconstruction of the test split: SSIM {reconstruction['ssim']:.3f}"
              + (f", label maps' mean Dice {reconstruction['dice_mean']:.3f}" if "dice_mean" in reconstruction else "")
              + ".</p>" if reconstruction and "ssim" in reconstruction else "")
-    return (f"<table><tr><th>measure ({results['n_generated']} samples)</th><th>generated</th>"
+    # Evaluations written before evaluate-samples took a temperature sampled at 1.
+    drawn = f"{results['n_generated']} samples, temperature {results.get('temperature', 1.0):g}"
+    drawn += f", top-k {results['top_k']}" if results.get("top_k") else ""
+    return (f"<table><tr><th>measure ({drawn})</th><th>generated</th>"
             f"<th>real (same measure)</th></tr>{body}</table>{recon}"
             "<p>C2ST: trained on samples against one held-out split's subjects, scored on other samples against the "
             "other split's subjects, and back; the real column puts training-split slices in the samples' place. "
