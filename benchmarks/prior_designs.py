@@ -2,13 +2,14 @@
 
 Each design trains a prior on a copy of a finished run (its VQ-VAE checkpoints and cached code grids; the copy
 shares the run's data folder) and is then measured by `brainvq evaluate-samples`. `--continue-prior` copies the
-run's own prior too and resumes it to `--minutes` in all: that measures what longer training of the same prior
-buys. The table compares every design folder under `--out` with the source run itself. Run from the repository
-root, after `brainvq demo --out runs/demo`:
+run's own prior too and resumes it to `--minutes` in all; its learning rate then climbs back from the end of
+its cool-down, so what a longer budget buys is measured by a fresh design with a larger `--minutes`. The table
+compares every design folder under `--out` with the source run itself. Run from the repository root, after
+`brainvq demo --out runs/demo`:
 
     python benchmarks/prior_designs.py --run runs/demo --design plain --attention-layers 0 --minutes 11.7
     python benchmarks/prior_designs.py --run runs/demo --design no-position-logits --no-position-logits
-    python benchmarks/prior_designs.py --run runs/demo --design attention-3x --continue-prior --minutes 35.1
+    python benchmarks/prior_designs.py --run runs/demo --design 3x --minutes 25.35
     python benchmarks/prior_designs.py --run runs/demo            # only the table of what is there
 """
 

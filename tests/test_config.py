@@ -38,6 +38,15 @@ def test_a_prior_config_written_before_position_logits_describes_a_prior_without
     assert from_dict(PixelCNNConfig, values | {"position_logits": True}).position_logits
 
 
+def test_a_training_config_written_before_the_cooldown_describes_a_constant_rate_run():
+    values = to_dict(TrainConfig())
+    assert TrainConfig().cooldown > 0 and from_dict(TrainConfig, values) == TrainConfig()
+    del values["cooldown"]
+    assert from_dict(TrainConfig, values).cooldown == 0.0
+    with pytest.raises(ConfigError, match="cooldown"):
+        from_dict(TrainConfig, values | {"cooldown": 1.0})
+
+
 @pytest.mark.parametrize(("values", "message"), [
     ({"context_codebook_size": 16}, "must both be 0"),
     ({"context_grid_size": 16}, "must both be 0"),

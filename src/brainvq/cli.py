@@ -83,6 +83,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def cooldown_share(text: str) -> float:
+    value = number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
+    return value
+
+
 def device_name(text: str) -> str:
     if not is_device_name(text):
         raise argparse.ArgumentTypeError(f"must be {DEVICE_NAMES}, not {text!r}")
@@ -266,6 +273,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default {TRAIN_DEFAULTS.lr:g})")
     parser.add_argument("--warmup-steps", type=non_negative_int,
                         help=f"steps of linear learning-rate warm-up (default {TRAIN_DEFAULTS.warmup_steps})")
+    parser.add_argument("--cooldown", type=cooldown_share,
+                        help="share of the run (of its steps or minutes) over which the learning rate falls "
+                             f"linearly to 0 (default {TRAIN_DEFAULTS.cooldown:g}; 0: constant after warm-up)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                         help="bf16 autocast, fp32, or auto (default): bf16 where the GPU or CPU computes it natively")
     parser.add_argument("--device", type=device_name, help=DEVICE_HELP)
@@ -322,8 +332,8 @@ def run_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "lr", "warmup_steps", "precision", "device",
-                      "compile", "seed")
+TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "lr", "warmup_steps", "cooldown",
+                      "precision", "device", "compile", "seed")
 
 
 def _given_training_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -202,6 +202,10 @@ class TrainConfig:
     # steps, warm-up 10 halved the prior's validation NLL (1.11 -> 0.61 bits/code) and lifted the VQ-VAE's test
     # SSIM at its 81 steps (0.68 -> 0.79; benchmarks/RESULTS.md).
     warmup_steps: int = 10
+    # The learning rate falls linearly to 0 over this last share of the run (of its steps or of its minutes,
+    # whichever ends it first): warm-up, constant, cool-down ("WSD", Hägele et al. 2024). Configs written before
+    # it existed describe constant-rate runs.
+    cooldown: float = field(default=0.2, metadata={ABSENT_MEANS: 0.0})
     weight_decay: float = 0.0
     max_grad_norm: float | None = MAX_GRAD_NORM  # gradients are clipped to this global norm (None: never)
     precision: str = "auto"  # "bf16" autocast (+ channels_last), "fp32", or "auto": bf16 where the hardware has it
@@ -219,6 +223,7 @@ class TrainConfig:
         _require(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(0 <= self.cooldown < 1, "cooldown", "must be in [0, 1)")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         _require(self.precision in ("auto", "bf16", "fp32"), "precision", "must be 'auto', 'bf16' or 'fp32'")

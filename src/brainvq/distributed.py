@@ -48,12 +48,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_process(flags: torch.Tensor) -> torch.Tensor:
-    """Element-wise "is it true in any process?" for a small float tensor of 0/1 flags (itself when alone)."""
+def largest_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of a small tensor over all processes (itself when alone); for 0/1 flags, "is it true
+    in any process?"."""
     if world_size() > 1:
-        flags = flags.clone()
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return flags
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
 
 
 def global_batch(share: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from brainvq.errors import TrainingError
 from brainvq.models.vqvae import VQVAE
 from brainvq.run import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE
 from brainvq.runtime import compile_enabled, prepare_module, seed_everything
+from brainvq.training import loop
 from brainvq.training.loop import MAX_BAD_STEPS, forward_backward, train
 from brainvq.training.vqvae import VQVAETask
 
@@ -58,10 +59,24 @@ def without_timing(history):
              if key not in ("images_per_second", "epoch_seconds", "elapsed_seconds")} for record in history]
 
 
+class Killed(Exception):
+    """Stands for a kill: the process dies right after a checkpoint is written."""
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_interrupted_then_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tmp_path, precision):
+def test_interrupted_then_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tmp_path, precision,
+                                                                                    monkeypatch):
     straight = run(tmp_path / "straight", 3, precision=precision)
-    run(tmp_path / "interrupted", 1, precision=precision)
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Killed
+
+    save = loop._save
+    monkeypatch.setattr(loop, "_save", save_then_die)
+    with pytest.raises(Killed):
+        run(tmp_path / "interrupted", 3, precision=precision)
+    monkeypatch.undo()
     resumed = run(tmp_path / "interrupted", 3, resume=True, precision=precision)
 
     assert without_timing(resumed) == without_timing(straight)
@@ -97,6 +112,27 @@ def test_max_steps_ends_training_with_a_partial_epoch(tmp_path):
     assert [record["step"] for record in history] == [6, 8]
     assert history[-1]["partial"] is True
     assert not math.isnan(history[-1]["val"]["ssim"])
+
+
+def test_the_learning_rate_warms_up_holds_then_falls_towards_0_at_the_end_of_the_run(tmp_path):
+    # 4 epochs of 6 steps, warm-up 3 steps, the last half cooling down; each record has its epoch's last rate.
+    history = run(tmp_path, 4, cooldown=0.5)
+    last_steps = [6 * epoch - 1 for epoch in (1, 2, 3, 4)]
+    expected = [2e-3 * min(1.0, (1 - step / 24) / 0.5) for step in last_steps]
+    assert [record["lr"] for record in history] == pytest.approx(expected)
+    assert expected[2] < 2e-3 and expected[3] < 0.1 * 2e-3  # the comparison covers the cool-down
+
+
+def test_the_share_of_a_run_done_is_that_of_its_nearest_limit():
+    config = TrainConfig(epochs=10, max_steps=100, max_minutes=2.0)
+    assert loop._share_done(config, step=10, seconds=0.0, steps_per_epoch=50) == pytest.approx(0.1)  # max_steps
+    assert loop._share_done(config, step=10, seconds=90.0, steps_per_epoch=50) == pytest.approx(0.75)  # minutes
+    assert loop._share_done(config, step=10, seconds=0.0, steps_per_epoch=2) == pytest.approx(0.5)  # epochs
+    assert loop._share_done(config, step=10, seconds=600.0, steps_per_epoch=50) == 1.0
+
+
+def test_a_constant_rate_run_keeps_its_rate_to_the_end(tmp_path):
+    assert [record["lr"] for record in run(tmp_path, 2, cooldown=0.0)] == [2e-3, 2e-3]
 
 
 def test_resuming_a_run_killed_before_its_first_checkpoint_starts_it_from_the_beginning(tmp_path):

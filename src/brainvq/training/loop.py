@@ -13,6 +13,8 @@ measure over an epoch, how to validate. The loop owns everything else:
 - a step whose loss or gradient is not finite is skipped (its buffer updates undone, a warning printed, counted
   in the epoch's `skipped_steps`); MAX_BAD_STEPS of them in a row stop the run with a `TrainingError`, before
   anything is saved, so the last good checkpoint stays as it was;
+- the learning rate warms up over `warmup_steps`, stays, and falls to 0 over the last `cooldown` share of the
+  run (of its steps or its minutes, whichever limit is nearer);
 - gradients are clipped to `max_grad_norm`; the epoch's mean norm before clipping is logged as `grad_norm`;
 - freed memory is kept for reuse (runtime.reuse_freed_memory): without it every step page-faults its
   activations in anew, which halved fp32 speed;
@@ -49,7 +51,7 @@ from brainvq.checkpoint import (
     save_checkpoint,
 )
 from brainvq.config import TrainConfig
-from brainvq.distributed import any_process, barrier, is_main, rank, world_size
+from brainvq.distributed import barrier, is_main, largest_over_processes, rank, world_size
 from brainvq.errors import CheckpointError, ConfigError, TrainingError
 from brainvq.run import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE
 from brainvq.runtime import autocast, compile_enabled, reuse_freed_memory, seed_everything
@@ -133,11 +135,14 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
             if config.max_steps is not None and step >= config.max_steps:
                 stop_reason = "max_steps"
                 break
-            if budget < math.inf and _in_any_process(time.monotonic() - started + validation_seconds >= budget,
-                                                     device):
+            # Seconds as the slowest process counts them, so that every process stops and sets its learning
+            # rate alike; the last validation's length is counted ahead for the one still to come.
+            seconds = _latest_over_processes(time.monotonic() - started + validation_seconds,
+                                             device) if budget < math.inf else 0.0
+            if seconds >= budget:
                 stop_reason = "max_minutes"
                 break
-            _set_learning_rate(optimizer, config, step)
+            _set_learning_rate(optimizer, config, step, _share_done(config, step, seconds, len(loader)))
             before = _model_state(task.model)
             terms, gradient_norm = forward_backward(task, batch, optimizer, config)
             finite = math.isfinite(float(terms["loss"].detach())) and math.isfinite(gradient_norm)
@@ -264,7 +269,7 @@ def _skip_non_finite_step(bad_steps_in_a_row: int, epoch: int, step: int, run_di
 
 def _in_any_process(flag: bool, device: torch.device) -> bool:
     """`flag` of this process, or'ed over all processes so that every process takes the same branch."""
-    return bool(any_process(torch.tensor([float(flag)], device=device)))
+    return bool(largest_over_processes(torch.tensor([float(flag)], device=device)))
 
 
 def _mean_over_processes(sums: dict[str, float], steps: int, device: torch.device) -> dict[str, float]:
@@ -279,9 +284,28 @@ def task_device(task: TrainingTask) -> torch.device:
     return next(task.model.parameters()).device
 
 
-def _set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> None:
-    """Linear warm-up over `warmup_steps`, then constant (a time budget gives no known end to decay to)."""
+def _latest_over_processes(seconds: float, device: torch.device) -> float:
+    """The largest of every process's `seconds` (this process's own when alone)."""
+    return float(largest_over_processes(torch.tensor([seconds], device=device)))
+
+
+def _share_done(config: TrainConfig, step: int, seconds: float, steps_per_epoch: int) -> float:
+    """How much of the run is done, 0..1, by whichever of its limits (epochs, max_steps, max_minutes) is
+    nearest: `step` optimizer steps and `seconds` of its minutes spent, with `steps_per_epoch` steps an epoch."""
+    shares = [step / (config.epochs * steps_per_epoch)]
+    if config.max_steps is not None:
+        shares.append(step / config.max_steps)
+    if config.max_minutes is not None:
+        shares.append(seconds / (config.max_minutes * 60))
+    return min(1.0, max(shares))
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int, share_done: float) -> None:
+    """Linear warm-up over `warmup_steps`, constant, then a linear fall to 0 over the last `cooldown` share of
+    the run. A run continued with a larger budget picks up the rate that its new end implies."""
     scale = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    if config.cooldown:
+        scale *= min(1.0, (1.0 - share_done) / config.cooldown)
     for group in optimizer.param_groups:
         group["lr"] = config.lr * scale
 
