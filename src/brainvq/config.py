@@ -51,7 +51,8 @@ LABEL_WEIGHT = 0.05
 # CPU) and the VQ-VAE's share of them. The VQ-VAE's validation SSIM levels off after about 6 CPU minutes (0.956
 # at 6 min, 0.962 at 12 min) while the prior keeps improving for as long as it trains: the prior gets the most.
 # 13 minutes: on a 2-core AVX2 CPU the demo took 25 min 23 s with 16 (2026-11-30) and 26 min 20 s with 15 on a slow
-# day (2026-12-01), of which about 11 min are not training (cohort, encoding, sampling 256, evaluation, report).
+# day (2026-12-01), of which about 11 min were not training (cohort, encoding, sampling 256, evaluation, report);
+# with 13 and today's smaller, faster prior, 20 min 25 s and 19 min 49 s (about 7 min not training).
 DEMO_MINUTES = 13.0
 DEMO_VQVAE_SHARE = 0.35
 # Softmax temperature of `sample`, `evaluate-samples` and the demo. At 1.0 the CPU demo's prior gave samples more
@@ -203,8 +204,9 @@ class TrainConfig:
     # SSIM at its 81 steps (0.68 -> 0.79; benchmarks/RESULTS.md).
     warmup_steps: int = 10
     # The learning rate falls linearly to 0 over this last share of the run (of its steps or of its minutes,
-    # whichever ends it first): warm-up, constant, cool-down ("WSD", Hägele et al. 2024). Configs written before
-    # it existed describe constant-rate runs.
+    # whichever ends it first): warm-up, constant, cool-down ("WSD", Hägele et al. 2024). At the demo's minutes
+    # it took the prior's C2ST against reconstructions from 0.74 to 0.62 at equal NLL (benchmarks/RESULTS.md).
+    # Configs written before it existed describe constant-rate runs.
     cooldown: float = field(default=0.2, metadata={ABSENT_MEANS: 0.0})
     weight_decay: float = 0.0
     max_grad_norm: float | None = MAX_GRAD_NORM  # gradients are clipped to this global norm (None: never)
