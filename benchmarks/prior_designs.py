@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="the design's gated layers (default: the run's)")
     parser.add_argument("--position-logits", action=argparse.BooleanOptionalAction,
                         help="the design's output bias per slice position, location and code (default: the run's)")
+    parser.add_argument("--position-template", type=int,
+                        help="the design's position template side (0: none; default: the run's)")
     parser.add_argument("--continue-prior", action="store_true", help="resume the run's own prior instead")
     parser.add_argument("--minutes", type=float, help="prior training minutes in all (default: the run's)")
     parser.add_argument("--n", type=int, default=256, help="samples for evaluate-samples (default 256)")
@@ -86,7 +88,7 @@ def main() -> None:
             api.train_prior(folder, resume=True, resume_overrides={"max_minutes": minutes})
         else:
             given = {"attention_layers": args.attention_layers, "position_logits": args.position_logits,
-                     "channels": args.channels, "layers": args.layers}
+                     "channels": args.channels, "layers": args.layers, "position_template": args.position_template}
             changes = {key: value for key, value in given.items() if value is not None}
             design = dataclasses.replace(prior_model, **changes)
             api.train_prior(folder, prior_config=design,

@@ -270,6 +270,11 @@ def test_a_folder_with_48_slice_positions_per_case_trains_and_samples_end_to_end
                  "--no-position-logits"]) == 0
     assert not json.loads((run / "prior" / "config.json").read_text())["model"]["position_logits"]
     assert api.load_prior(run)[0].position_logits.numel() == 0
+    shutil.rmtree(run / "prior")
+    assert main(["train-prior", str(run), "--max-steps", "1", "--channels", "8", "--layers", "2", *TRAIN_FAST,
+                 "--position-template", "8"]) == 0
+    assert json.loads((run / "prior" / "config.json").read_text())["model"]["position_template"] == 8
+    assert main(["sample", str(run), "--n", "1", "--slice", "47", "--out", str(tmp_path / "templated")]) == 0
 
 
 def test_cache_list_and_clear(tiny_cohort, tmp_path, monkeypatch, capsys):

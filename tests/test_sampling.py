@@ -7,7 +7,8 @@ from brainvq.sampling import choose_codes, draw_uniforms, sample_fast, sample_na
 
 
 def trained_looking_model(conditional: bool = True, grid_size: int = 8, attention_layers: int = 2,
-                          attention_block: int = 2, context_grid_size: int = 0) -> GatedPixelCNN:
+                          attention_block: int = 2, context_grid_size: int = 0,
+                          position_template: int = 0) -> GatedPixelCNN:
     """Random weights scaled up so that logits are far from uniform, as after training; zero-initialised parts
     (conditioning, location projection, position maps and logits, the head's output, attention output) made
     non-zero so that they count.
@@ -15,7 +16,8 @@ def trained_looking_model(conditional: bool = True, grid_size: int = 8, attentio
     torch.manual_seed(0)
     config = PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional, grid_size=grid_size,
                             attention_layers=attention_layers, attention_block=attention_block,
-                            context_codebook_size=3 if context_grid_size else 0, context_grid_size=context_grid_size)
+                            context_codebook_size=3 if context_grid_size else 0, context_grid_size=context_grid_size,
+                            position_template=position_template)
     model = GatedPixelCNN(config).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.conditioning.weight)
@@ -31,10 +33,12 @@ def trained_looking_model(conditional: bool = True, grid_size: int = 8, attentio
     return model
 
 
-@pytest.mark.parametrize(("conditional", "temperature", "top_k", "attention_layers"),
-                         [(True, 1.0, None, 2), (True, 0.7, 3, 2), (False, 1.3, None, 2), (True, 1.0, None, 0)])
-def test_fast_sampling_gives_exactly_the_naive_code_grids(conditional, temperature, top_k, attention_layers):
-    model = trained_looking_model(conditional, attention_layers=attention_layers)
+@pytest.mark.parametrize(("conditional", "temperature", "top_k", "attention_layers", "position_template"),
+                         [(True, 1.0, None, 2, 0), (True, 0.7, 3, 2, 0), (False, 1.3, None, 2, 0),
+                          (True, 1.0, None, 0, 0), (True, 1.0, None, 2, 4)])
+def test_fast_sampling_gives_exactly_the_naive_code_grids(conditional, temperature, top_k, attention_layers,
+                                                          position_template):
+    model = trained_looking_model(conditional, attention_layers=attention_layers, position_template=position_template)
     uniforms = draw_uniforms(4, 8, torch.Generator().manual_seed(1))
     positions = torch.tensor([0, 9, 20, 31])
     naive = sample_naive(model, uniforms, positions, temperature=temperature, top_k=top_k)

@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--no-position-logits", action="store_true",
                        help="leave out the output logit per slice position, place and code that starts as the "
                             "training grids' code frequencies (the design before 2026-12)")
+    prior.add_argument("--position-template", type=non_negative_int, metavar="SIDE",
+                       help="let every layer read a SIDE x SIDE map of the codes expected at the slice position, "
+                            "below and to the right included (default "
+                            f"{PRIOR_DEFAULTS.position_template or 'none'}; 16 is measured in benchmarks/RESULTS.md)")
     prior.set_defaults(handler=run_train_prior)
 
     sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder "
@@ -372,7 +376,8 @@ def run_train_prior(args: argparse.Namespace) -> None:
         results = api.train_prior(args.run, data_dir=args.data, resume=True, resume_overrides=given,
                                   progress=not args.quiet)
     else:
-        model_options = {"channels": args.channels, "layers": args.layers, "attention_layers": args.attention_layers}
+        model_options = {"channels": args.channels, "layers": args.layers, "attention_layers": args.attention_layers,
+                         "position_template": args.position_template}
         prior_config = api.default_prior_config(
             args.run, args.data, conditional=not args.unconditional, position_logits=not args.no_position_logits,
             **{name: value for name, value in model_options.items() if value is not None})

@@ -137,13 +137,18 @@ class PixelCNNConfig:
     attention_block: int = 4  # side of the square of codes each attention token summarises (divides grid_size)
     context_codebook_size: int = 0  # codes of a coarser context grid the prior is conditioned on (0: no context)
     context_grid_size: int = 0  # side of that context grid (divides grid_size; 0 with no context)
+    # Side of the position template each layer reads (models/pixelcnn.py; at most grid_size is used; 0: none).
+    # Off by default: at the CPU demo's budget 16 gave a lower position error but no fewer malformed slices
+    # (benchmarks/RESULTS.md, "a position template").
+    position_template: int = 0
 
     def validate(self) -> None:
         # Upper bounds too: a tampered prior/config.json must not make the constructor allocate gigabytes.
         limits = {"codebook_size": (2, 256), "channels": (1, 1024), "layers": (1, 64), "kernel_size": (3, 15),
                   "positions": (1, 4096), "grid_size": (1, 512), "location_channels": (0, 256),
                   "position_map_size": (0, 64), "attention_layers": (0, 64), "attention_heads": (1, 64),
-                  "attention_block": (1, 512), "context_codebook_size": (0, 256), "context_grid_size": (0, 512)}
+                  "attention_block": (1, 512), "context_codebook_size": (0, 256), "context_grid_size": (0, 512),
+                  "position_template": (0, 512)}
         for key, (low, high) in limits.items():
             value = getattr(self, key)
             if not low <= value <= high or (key == "kernel_size" and value % 2 == 0):
@@ -166,6 +171,10 @@ class PixelCNNConfig:
             if self.location_channels == 0:
                 # The context is added to the learnt location map: without one it has nowhere to enter.
                 raise ConfigError("a context (context_grid_size > 0) needs location_channels > 0")
+        if self.position_template and (not self.position_logits or self.location_channels == 0):
+            # The template is read from the position logits and enters where the location map does.
+            raise ConfigError("a position template (position_template > 0) needs position_logits and "
+                              "location_channels > 0")
 
     @property
     def attention_before(self) -> tuple[int, ...]:

@@ -80,7 +80,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
     channels, reach, depth = model.config.channels, model.reach, len(model.layers)
     model.check_context(context, batch)
     conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]
-    locations = model.location_maps(context)  # [layers, 2C, G, G], or [layers, B, 2C, G, G] with a context
+    locations = model.location_maps(context, positions)  # [layers, (B,) 2C, G, G]
     position_map = model.position_map(positions, batch)  # [B or 1, C, G, G]
     output_bias = model.output_bias(positions, batch)  # [B or 1, K, G, G]
     codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)

@@ -25,13 +25,15 @@ def input_gradients(model: GatedPixelCNN, codes: torch.Tensor, row: int, column:
     return captured["x"].grad[0].abs().sum(-1)  # embedding output is [B, G, G, C]
 
 
-@pytest.mark.parametrize(("kernel_size", "layers", "size", "attention_layers", "attention_block"),
-                         [(3, 3, 5, 0, 1), (5, 2, 6, 0, 1), (3, 1, 8, 1, 2), (3, 2, 8, 2, 4)])
+@pytest.mark.parametrize(("kernel_size", "layers", "size", "attention_layers", "attention_block", "template"),
+                         [(3, 3, 5, 0, 1, 0), (5, 2, 6, 0, 1, 0), (3, 1, 8, 1, 2, 0), (3, 2, 8, 2, 4, 0),
+                          (3, 2, 8, 2, 4, 4)])
 def test_each_output_sees_every_earlier_position_and_nothing_later(kernel_size, layers, size, attention_layers,
-                                                                   attention_block):
+                                                                   attention_block, template):
     torch.manual_seed(0)
     config = PixelCNNConfig(codebook_size=6, channels=8, layers=layers, kernel_size=kernel_size, grid_size=size,
-                            attention_layers=attention_layers, attention_block=attention_block)
+                            attention_layers=attention_layers, attention_block=attention_block,
+                            position_template=template)
     model = GatedPixelCNN(config).double()
     torch.nn.init.normal_(model.location_projection.weight)  # trained location and position maps must not leak
     torch.nn.init.normal_(model.position_maps)
@@ -128,6 +130,32 @@ def test_the_position_map_gives_each_slice_position_its_own_spatial_pattern():
     assert torch.allclose(logits[0, :, 12, 12], logits[1, :, 12, 12])
     unconditional = GatedPixelCNN(dataclasses.replace(config, conditional=False))
     assert unconditional.position_maps.numel() == 0
+
+
+def test_the_position_template_tells_a_place_what_its_slice_position_expects_far_below_it():
+    """The position logits of the bottom rows change the logits of a place near the top, beyond every causal
+    reach of the stacks, only through the template (which takes no codes: causality, test above)."""
+    torch.manual_seed(0)
+    config = PixelCNNConfig(codebook_size=6, channels=8, layers=1, kernel_size=3, grid_size=16, positions=2,
+                            position_template=4, attention_layers=0)
+    codes = torch.zeros(2, 16, 16, dtype=torch.int64)
+    positions = torch.tensor([0, 1])
+    for template, sees_below in ((4, True), (0, False)):
+        model = GatedPixelCNN(dataclasses.replace(config, position_template=template))
+        torch.nn.init.normal_(model.head[-1].weight)
+        torch.nn.init.normal_(model.location_projection.weight)
+        with torch.no_grad():
+            model.position_logits[1, 5, 12:, 12:] = 4.0  # slice position 1 expects code 5 at the bottom right
+            logits = model(codes, positions)
+        assert bool((logits[0, :, 2, 2] != logits[1, :, 2, 2]).any()) == sees_below
+        assert hasattr(model, "template_reader") == sees_below  # no unused parameters without a template
+
+
+def test_a_position_template_needs_position_logits_and_a_location_map():
+    for missing in ({"position_logits": False}, {"location_channels": 0}):
+        with pytest.raises(ConfigError, match="position template"):
+            GatedPixelCNN(PixelCNNConfig(position_template=16, **missing))
+        GatedPixelCNN(PixelCNNConfig(position_template=0, **missing))
 
 
 def test_invalid_config_is_refused():

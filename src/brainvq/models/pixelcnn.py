@@ -26,7 +26,14 @@ Conditioning (none of it depends on the codes, so causality holds):
   drew frame-filling texture (README, "Prior designs");
 - with `context_codebook_size` > 0, a coarser code grid [B, Gc, Gc] (the top level of a two-level VQ-VAE-2, say):
   its codes are embedded, upsampled by nearest neighbour (each covers a (G/Gc)^2 square) and added to the
-  learnt location map, so the context enters each layer's bias exactly where the location does.
+  learnt location map, so the context enters each layer's bias exactly where the location does;
+- with `position_template` > 0, each layer's bias also says what the slice position leads one to expect around
+  each place, below and to the right included: the code probabilities of the position logits, averaged over
+  squares to a `position_template`^2 grid, are read by a small convolutional network that looks every way (they
+  are conditioning, not codes, so causality holds) and enter where the location map does. The position map
+  above only reaches a place from above and from the left, through the causal stacks, and the position logits
+  only reach the output, so without the template the lower half of a slice is drawn without knowing the
+  anatomy expected there.
 
 Global reach: `attention_layers` causal attention blocks (models/attention.py) sit between gated layers and
 let every position see a coarse summary of the whole slice above it; with `attention_layers=0` this is the
@@ -62,8 +69,17 @@ def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
     return F.pad(x, (columns, 0, 0, 0))
 
 
+def _template_reader(codes: int, channels: int) -> nn.Sequential:
+    """Code probabilities [B, codes, T, T] -> features [B, channels, T, T]; each feature sees 9x9 cells around
+    it (the last convolution is dilated), so on the default 16x16 template a place of the 64x64 grid learns what
+    lies up to 16 codes away in every direction."""
+    return nn.Sequential(nn.Conv2d(codes, channels, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(channels, channels, 3, padding=2, dilation=2))
+
+
 def layer_bias(vector: torch.Tensor, location: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """vector [B, 2C] + location [2C, R, W] or [B, 2C, R, W] (with a context) -> bias [B, 2C, R, W] in `dtype`,
+    """vector [B, 2C] + location [2C, R, W] or [B or 1, 2C, R, W] (per slice) -> bias [B, 2C, R, W] in `dtype`,
     stored channels-last.
 
     Why `dtype`: under autocast the convolutions give bf16, but the conditioning embedding stays fp32, and an
@@ -146,6 +162,8 @@ class GatedPixelCNN(nn.Module):
         nn.init.zeros_(self.location_projection.weight)  # starts as no bias at all; learnt from there
         if self.config.context_grid_size:  # only then: priors without a context keep their parameters
             self.context_embedding = nn.Embedding(self.config.context_codebook_size, location_channels)
+        if self.config.position_template:  # only then: priors without a template keep their parameters
+            self.template_reader = _template_reader(self.config.codebook_size, location_channels)
         map_size = self.config.position_map_size if self.config.conditional else 0
         self.position_maps = nn.Parameter(torch.zeros(conditions, channels, map_size, map_size))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
@@ -186,22 +204,38 @@ class GatedPixelCNN(nn.Module):
         if context.numel() and (context.min() < 0 or context.max() >= codes):
             raise ConfigError(f"context codes must be in 0..{codes - 1}")
 
-    def location_maps(self, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-layer location biases: [layers, 2C, G, G] without a context (zeros when location_channels is 0);
-        with a context [B, Gc, Gc] int64 (see `check_context`), [layers, B, 2C, G, G]."""
+    def location_maps(self, context: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-layer location biases: [layers, 2C, G, G] when they are the same for every slice (zeros when
+        location_channels is 0); [layers, B, 2C, G, G] with a context [B, Gc, Gc] int64 (see `check_context`) or
+        a position template (for the slice `positions` [B], as in `forward`)."""
         size, layers = self.config.grid_size, self.config.layers
-        if self.config.location_channels == 0:  # validate() allows no context then
+        if self.config.location_channels == 0:  # validate() allows no context or template then
             return torch.zeros(layers, 2 * self.config.channels, size, size, device=self.location.device)
         location = self.location.unsqueeze(0)  # [1, L, G, G]
-        if context is None:
+        per_slice = []  # what each slice adds to the location map: [B, L, G, G] each
+        if context is not None:
+            # Nearest-neighbour upsampling by repetition: exact for any integer factor, where F.interpolate
+            # computes source indices through a float scale.
+            scale = size // self.config.context_grid_size
+            embedded = self.context_embedding(context).movedim(-1, 1)  # [B, L, Gc, Gc]
+            per_slice.append(embedded.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3))
+        if self.config.position_template:
+            batch = len(context) if context is not None else 1 if positions is None else len(positions)
+            per_slice.append(self.position_template(positions, batch))
+        if not per_slice:
             return self.location_projection(location).view(layers, -1, size, size)
-        # Nearest-neighbour upsampling by repetition: exact for any integer factor, where F.interpolate computes
-        # source indices through a float scale.
-        scale = size // self.config.context_grid_size
-        embedded = self.context_embedding(context).movedim(-1, 1)  # [B, L, Gc, Gc]
-        embedded = embedded.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # [B, L, G, G]
-        maps = self.location_projection(location + embedded)  # [B, layers * 2C, G, G]
-        return maps.view(context.shape[0], layers, -1, size, size).transpose(0, 1)
+        maps = self.location_projection(location + sum(per_slice))  # [B, layers * 2C, G, G]
+        return maps.view(maps.shape[0], layers, -1, size, size).transpose(0, 1)
+
+    def position_template(self, positions: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """What each slice's position leads one to expect around each place: the position logits' code
+        probabilities [B, K, G, G], averaged over squares to [B, K, T, T] (T = position_template, at most G), read
+        by the template reader and upsampled back -> [B, L, G, G]."""
+        size = self.config.grid_size
+        probabilities = self.output_bias(positions, batch).softmax(dim=1)
+        template = F.adaptive_avg_pool2d(probabilities, min(self.config.position_template, size))
+        return F.interpolate(self.template_reader(template), size=(size, size), mode="nearest")
 
     def position_map(self, positions: torch.Tensor | None, batch: int) -> torch.Tensor:
         """What is added to the embedded codes: [B, C, G, G] ([1, C, G, G] of zeros without a map)."""
@@ -265,7 +299,7 @@ class GatedPixelCNN(nn.Module):
                               f"{self.config.grid_size}x{self.config.grid_size}")
         self.check_context(context, codes.shape[0])
         conditioning = self.condition_vectors(positions, codes.shape[0], codes.device)
-        locations = self.location_maps(context)  # [layers, 2C, G, G], or [layers, B, 2C, G, G] with a context
+        locations = self.location_maps(context, positions)  # [layers, (B,) 2C, G, G]
         x = self.embed(codes, self.position_map(positions, codes.shape[0]))
         # The last row (column) of x is never above (left of) a position: the first layer's windows end before it.
         v, link = self.first_vertical_step(_pad_above(x, self.reach, self.reach)[:, :, :-1])
