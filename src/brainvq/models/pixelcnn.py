@@ -71,8 +71,8 @@ def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
 
 def _template_reader(codes: int, channels: int) -> nn.Sequential:
     """Code probabilities [B, codes, T, T] -> features [B, channels, T, T]; each feature sees 9x9 cells around
-    it (the last convolution is dilated), so on the default 16x16 template a place of the 64x64 grid learns what
-    lies up to 16 codes away in every direction."""
+    it (the last convolution is dilated), so with a 16x16 template on the 64x64 grid a place learns what lies up
+    to 16 codes away in every direction."""
     return nn.Sequential(nn.Conv2d(codes, channels, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(channels, channels, 3, padding=2, dilation=2))
