@@ -213,7 +213,7 @@ class GatedPixelCNN(nn.Module):
         if self.config.location_channels == 0:  # validate() allows no context or template then
             return torch.zeros(layers, 2 * self.config.channels, size, size, device=self.location.device)
         location = self.location.unsqueeze(0)  # [1, L, G, G]
-        per_slice = []  # what each slice adds to the location map: [B, L, G, G] each
+        per_slice = []  # what each slice adds to the location map: [B or 1, L, G, G] each
         if context is not None:
             # Nearest-neighbour upsampling by repetition: exact for any integer factor, where F.interpolate
             # computes source indices through a float scale.
@@ -221,19 +221,18 @@ class GatedPixelCNN(nn.Module):
             embedded = self.context_embedding(context).movedim(-1, 1)  # [B, L, Gc, Gc]
             per_slice.append(embedded.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3))
         if self.config.position_template:
-            batch = len(context) if context is not None else 1 if positions is None else len(positions)
-            per_slice.append(self.position_template(positions, batch))
+            per_slice.append(self.position_template(positions))
         if not per_slice:
             return self.location_projection(location).view(layers, -1, size, size)
         maps = self.location_projection(location + sum(per_slice))  # [B, layers * 2C, G, G]
         return maps.view(maps.shape[0], layers, -1, size, size).transpose(0, 1)
 
-    def position_template(self, positions: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def position_template(self, positions: torch.Tensor | None) -> torch.Tensor:
         """What each slice's position leads one to expect around each place: the position logits' code
         probabilities [B, K, G, G], averaged over squares to [B, K, T, T] (T = position_template, at most G), read
-        by the template reader and upsampled back -> [B, L, G, G]."""
+        by the template reader and upsampled back -> [B, L, G, G] ([1, L, G, G], row 0's, without `positions`)."""
         size = self.config.grid_size
-        probabilities = self.output_bias(positions, batch).softmax(dim=1)
+        probabilities = self.output_bias(positions, 1 if positions is None else len(positions)).softmax(dim=1)
         template = F.adaptive_avg_pool2d(probabilities, min(self.config.position_template, size))
         return F.interpolate(self.template_reader(template), size=(size, size), mode="nearest")
 

@@ -112,7 +112,7 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
     best = max((sign * record["val"][task.selection_metric] for record in history), default=-math.inf)
     first_epoch = history[-1]["epoch"] + 1 if history else 1
     started = time.monotonic() - seconds_so_far
-    budget = math.inf if config.max_minutes is None else config.max_minutes * 60
+    budget = _budget_seconds(config)
     validation_seconds = 0.0
     bad_steps_in_a_row = 0
     if main and first_epoch > config.epochs:
@@ -295,9 +295,13 @@ def _share_done(config: TrainConfig, step: int, seconds: float, steps_per_epoch:
     shares = [step / (config.epochs * steps_per_epoch)]
     if config.max_steps is not None:
         shares.append(step / config.max_steps)
-    if config.max_minutes is not None:
-        shares.append(seconds / (config.max_minutes * 60))
+    shares.append(seconds / _budget_seconds(config))  # 0 without a time limit
     return min(1.0, max(shares))
+
+
+def _budget_seconds(config: TrainConfig) -> float:
+    """The run's time limit in seconds (infinite without one)."""
+    return math.inf if config.max_minutes is None else config.max_minutes * 60
 
 
 def _set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int, share_done: float) -> None:
