@@ -69,6 +69,7 @@ def test_bad_prior_context_values_are_refused(values, message):
     ({"codebook_size": 0}, "codebook_size must be >= 1"),
     ({"codebook_size": 300}, "uint8"),
     ({"beta": -1}, "beta must be >= 0"),
+    ({"ssim_weight": -0.5}, "ssim_weight must be >= 0"),
 ])
 def test_bad_model_values_are_refused_naming_the_file_and_key(values, message):
     with pytest.raises(ConfigError, match=message) as caught:

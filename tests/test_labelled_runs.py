@@ -82,10 +82,12 @@ def test_an_image_only_run_on_slices_with_masks_ignores_them(oasis_with_masks, t
     results = api.evaluate(run)
     assert "dice_mean" not in results
     assert load_png(run / "recon_test.png").shape[0] == 2 * TILE_STEP - 2
-    # A run made before joint models existed has no label fields in its config.json: it loads as image-only.
+    # A run made before joint models and the SSIM term existed has none of their fields in its config.json: it
+    # loads as the image-only, squared-error-only model it was trained as.
     config = json.loads((run / "config.json").read_text())
-    del config["model"]["label_classes"], config["model"]["label_weight"]
+    del config["model"]["label_classes"], config["model"]["label_weight"], config["model"]["ssim_weight"]
     (run / "config.json").write_text(json.dumps(config))
+    assert read_run_config(run)[0].ssim_weight == 0
     assert api.evaluate(run)["ssim"] == results["ssim"]
 
 

@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--label-weight", type=number, default=None,
                           help="weight of the label maps' cross-entropy beside the images' squared error "
                                f"(default {VQVAE_DEFAULTS.label_weight})")
+    training.add_argument("--ssim-weight", type=number, default=None,
+                          help="weight of 1 - SSIM of the images beside their squared error "
+                               f"(default {VQVAE_DEFAULTS.ssim_weight})")
     training.set_defaults(handler=run_train_vqvae)
 
     evaluation = commands.add_parser("evaluate", help="SSIM, PSNR and codebook usage of a run on a split")
@@ -360,7 +363,7 @@ def run_train_vqvae(args: argparse.Namespace) -> None:
     if args.data is None:
         raise_usage("train-vqvae: --data is required unless --resume is given")
     model_options = {"downsample": args.downsample, "codebook_size": args.codebook_size, "code_dim": args.code_dim,
-                     "label_weight": args.label_weight}
+                     "label_weight": args.label_weight, "ssim_weight": args.ssim_weight}
     model_config = api.default_vqvae_config(args.data, labels=not args.no_labels, ema=not args.no_ema,
                                             **{name: value for name, value in model_options.items()
                                                if value is not None})

@@ -78,7 +78,8 @@ ModelConfig = TypeVar("ModelConfig", VQVAEConfig, PixelCNNConfig)
 
 # Settings added after runs were already written: a saved config without the key was made before the setting
 # existed, so it gets the value that rebuilds that model, not today's default.
-SETTINGS_ADDED_LATER: dict[type, dict[str, Any]] = {PixelCNNConfig: {"attention_layers": 0}}
+SETTINGS_ADDED_LATER: dict[type, dict[str, Any]] = {PixelCNNConfig: {"attention_layers": 0},
+                                                     VQVAEConfig: {"ssim_weight": 0.0}}
 
 
 def write_run_config(run_dir: Path, model_config: Any, train_config: TrainConfig) -> None:

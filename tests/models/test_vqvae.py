@@ -3,6 +3,7 @@ import torch
 
 from brainvq.config import VQVAEConfig
 from brainvq.errors import ConfigError
+from brainvq.metrics.image import ssim
 from brainvq.models.vqvae import VQVAE, reconstruction_error
 
 SMALL = {"channels": 16, "residual_channels": 8, "code_dim": 8, "codebook_size": 16}
@@ -34,13 +35,25 @@ def test_encode_then_decode_equals_the_forward_reconstruction():
 
 
 def test_loss_is_reconstruction_plus_codebook_plus_beta_commitment():
-    model = VQVAE(VQVAEConfig(beta=0.5, **SMALL)).eval()  # eval: the EMA codebook stays put between calls
+    model = VQVAE(VQVAEConfig(beta=0.5, ssim_weight=0, **SMALL)).eval()  # eval: the EMA codebook stays put
     images = torch.rand(2, 1, 32, 32)
     terms = model.loss(images, model(images))
     expected = terms["reconstruction"] + terms["codebook"] + 0.5 * terms["commitment"]
     assert torch.allclose(terms["loss"], expected)
     assert torch.allclose(terms["reconstruction"], (model(images).reconstruction - images).pow(2).mean(),
                           atol=1e-6)
+
+
+def test_an_ssim_weight_adds_one_minus_the_ssim_of_the_clamped_output():
+    model = VQVAE(VQVAEConfig(beta=0.5, ssim_weight=2.0, **SMALL)).eval()
+    images = torch.rand(2, 1, 32, 32)
+    output = model(images)
+    terms = model.loss(images, output)
+    expected_ssim = 1 - ssim(output.reconstruction.clamp(0, 1), images).mean()
+    assert torch.allclose(terms["ssim"], expected_ssim)
+    expected = terms["reconstruction"] + terms["codebook"] + 0.5 * terms["commitment"] + 2.0 * expected_ssim
+    assert torch.allclose(terms["loss"], expected)
+    assert "ssim" not in VQVAE(VQVAEConfig(ssim_weight=0, **SMALL)).eval().loss(images, output)
 
 
 def test_reconstruction_error_forgives_only_pixels_that_the_clamp_makes_exact():
@@ -67,7 +80,7 @@ def test_invalid_config_is_refused():
         VQVAE(VQVAEConfig(downsample=3))
 
 
-JOINT = {**SMALL, "label_classes": 4, "label_weight": 0.3}
+JOINT = {**SMALL, "label_classes": 4, "label_weight": 0.3, "ssim_weight": 0.0}
 
 
 def test_an_image_only_model_keeps_its_one_channel_input_and_output():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainvq.config import VQVAEConfig
+from brainvq.metrics.image import ssim
 from brainvq.models.quantizer import VectorQuantizer
 
 
@@ -141,6 +142,9 @@ class VQVAE(nn.Module):
         total = reconstruction + output.codebook_loss + self.config.beta * output.commitment_loss
         terms = {"reconstruction": reconstruction, "codebook": output.codebook_loss,
                  "commitment": output.commitment_loss}
+        if self.config.ssim_weight:
+            terms["ssim"] = 1 - ssim(output.reconstruction.clamp(0, 1), images).mean()
+            total = total + self.config.ssim_weight * terms["ssim"]
         if output.label_logits is not None:
             terms["labels"] = F.cross_entropy(output.label_logits.float(), self._checked_labels(labels))
             total = total + self.config.label_weight * terms["labels"]
