@@ -96,7 +96,9 @@ class VQVAEConfig:
     # grey and white matter; train_vqvae picks it from the data unless a model config is given.
     label_classes: int = 0
     label_weight: float = LABEL_WEIGHT  # weight of the label map's cross-entropy beside the image's MSE
-    ssim_weight: float = SSIM_WEIGHT  # weight of 1 - SSIM (of the clamped output) beside the image's MSE
+    # Weight of 1 - SSIM (of the clamped output) beside the image's MSE; configs written before it existed lack
+    # the key and were trained on the squared error alone.
+    ssim_weight: float = field(default=SSIM_WEIGHT, metadata={ABSENT_MEANS: 0.0})
 
     def validate(self) -> None:
         _require(self.downsample in (2, 4, 8, 16), "downsample", "must be 2, 4, 8 or 16")
@@ -141,7 +143,9 @@ class PixelCNNConfig:
     # A learnt logit per slice position, grid location and code, added to the output. Configs written before it
     # existed lack the key and describe priors without it (their checkpoints have no such tensor).
     position_logits: bool = field(default=True, metadata={ABSENT_MEANS: False})
-    attention_layers: int = 2  # causal attention blocks between the gated layers (0: the plain gated PixelCNN)
+    # Causal attention blocks between the gated layers (0: the plain gated PixelCNN, which configs written before
+    # they existed describe).
+    attention_layers: int = field(default=2, metadata={ABSENT_MEANS: 0})
     attention_heads: int = 4
     attention_block: int = 4  # side of the square of codes each attention token summarises (divides grid_size)
     context_codebook_size: int = 0  # codes of a coarser context grid the prior is conditioned on (0: no context)

@@ -76,12 +76,6 @@ RECIPE_FIELDS = ("batch_size", "lr", "warmup_steps", "cooldown", "weight_decay",
 
 ModelConfig = TypeVar("ModelConfig", VQVAEConfig, PixelCNNConfig)
 
-# Settings added after runs were already written: a saved config without the key was made before the setting
-# existed, so it gets the value that rebuilds that model, not today's default.
-SETTINGS_ADDED_LATER: dict[type, dict[str, Any]] = {PixelCNNConfig: {"attention_layers": 0},
-                                                     VQVAEConfig: {"ssim_weight": 0.0}}
-
-
 def write_run_config(run_dir: Path, model_config: Any, train_config: TrainConfig) -> None:
     save_json(run_dir / CONFIG_FILE, {"brainvq_version": __version__, "model": to_dict(model_config),
                                       "train": to_dict(train_config)})
@@ -96,10 +90,7 @@ def read_run_config(run_dir: Path, model_class: type[ModelConfig] = VQVAEConfig)
     unknown = set(values) - CONFIG_SECTIONS
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}", path)
-    model = values["model"]
-    if isinstance(model, dict):
-        model = SETTINGS_ADDED_LATER.get(model_class, {}) | model
-    return from_dict(model_class, model, source=path), from_dict(TrainConfig, values["train"], source=path)
+    return from_dict(model_class, values["model"], source=path), from_dict(TrainConfig, values["train"], source=path)
 
 
 def resumed_train_config(saved: TrainConfig, overrides: dict[str, Any], run_dir: Path) -> TrainConfig:

@@ -136,8 +136,9 @@ class VQVAE(nn.Module):
 
     def loss(self, images: torch.Tensor, output: VQVAEOutput,
              labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Reconstruction (`reconstruction_error`) + codebook + beta * commitment, + label_weight * the label map's
-        cross-entropy for a joint model; each term returned for logging."""
+        """Reconstruction (`reconstruction_error`) + codebook + beta * commitment, + ssim_weight * (1 - SSIM of the
+        clamped output, the SSIM that evaluation reports), + label_weight * the label map's cross-entropy for a
+        joint model; each term returned for logging."""
         reconstruction = reconstruction_error(output.reconstruction, images)
         total = reconstruction + output.codebook_loss + self.config.beta * output.commitment_loss
         terms = {"reconstruction": reconstruction, "codebook": output.codebook_loss,
