@@ -76,6 +76,7 @@ RECIPE_FIELDS = ("batch_size", "lr", "warmup_steps", "cooldown", "weight_decay",
 
 ModelConfig = TypeVar("ModelConfig", VQVAEConfig, PixelCNNConfig)
 
+
 def write_run_config(run_dir: Path, model_config: Any, train_config: TrainConfig) -> None:
     save_json(run_dir / CONFIG_FILE, {"brainvq_version": __version__, "model": to_dict(model_config),
                                       "train": to_dict(train_config)})
