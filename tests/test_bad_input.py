@@ -71,13 +71,16 @@ Run folders and options:
 - a run folder from a different model config (config.json edited, or a checkpoint of another run):
   test_a_checkpoint_that_does_not_fit_config_json_is_refused[evaluate, train-prior]
 - a prior that does not fit the run's VQ-VAE: test_a_prior_of_another_vqvae_is_refused
-- invalid option values (negative epochs, temperature 0 or negative, --slice -1, --n 0, seeds out of range):
+- invalid option values (negative epochs, temperature 0 or negative, negative guidance, --slice -1, --n 0, seeds out of
+  range):
   tests/test_cli.py::test_user_mistakes_get_one_line_and_a_non_zero_exit (negative epochs), and here
   test_invalid_option_values_are_usage_errors
 - top-k above the codebook size, unknown slice position (--slice 40):
   tests/test_generation.py::test_cli_sample_rejects_invalid_values_with_one_line (--top-k 40),
   tests/test_generation.py::test_same_seed_same_samples_and_bad_options_are_refused, and here
   test_sample_options_that_need_the_run_are_checked_against_it
+- --guidance other than 1 with a prior trained without position dropout, or without slice positions:
+  tests/test_sampling.py::test_guided_samples_differ_from_plain_ones_and_guidance_needs_a_prior_trained_with_position_dropout
 
 Hostile files:
 
@@ -456,6 +459,7 @@ def test_a_prior_of_another_vqvae_is_refused(run: Path, tmp_path: Path, capsys: 
     (["sample", "r", "--out", "o", "--slice", "-1"], "argument --slice: must be >= 0"),
     (["sample", "r", "--out", "o", "--n", "0"], "argument --n: must be a positive integer"),
     (["sample", "r", "--out", "o", "--top-k", "0"], "argument --top-k: must be a positive integer"),
+    (["sample", "r", "--out", "o", "--guidance", "-1"], "argument --guidance: must be"),
     (["sample", "r", "--out", "o", "--seed", "-1"], "argument --seed: must be in 0..4294967295"),
     (["data", "demo", "--out", "o", "--seed", str(2**64)], "argument --seed: must be in 0..4294967295"),
     (["evaluate-samples", "r", "--n", "many"], "argument --n: invalid sample_count value: 'many'"),

@@ -275,6 +275,16 @@ def test_a_folder_with_48_slice_positions_per_case_trains_and_samples_end_to_end
                  "--position-template", "8"]) == 0
     assert json.loads((run / "prior" / "config.json").read_text())["model"]["position_template"] == 8
     assert main(["sample", str(run), "--n", "1", "--slice", "47", "--out", str(tmp_path / "templated")]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "1", "--guidance", "2", "--out", str(tmp_path / "unguided")]) == 1
+    assert "needs slice positions and a prior trained with position_dropout > 0" in capsys.readouterr().err
+    assert not (tmp_path / "unguided").exists()
+    shutil.rmtree(run / "prior")
+    assert main(["train-prior", str(run), "--max-steps", "1", "--channels", "8", "--layers", "2", *TRAIN_FAST,
+                 "--position-dropout", "0.1"]) == 0
+    # The no-position row that classifier-free guidance needs, after the 48 positions.
+    assert api.load_prior(run)[0].position_logits.shape == (49, 32, 32, 32)
+    assert main(["sample", str(run), "--n", "1", "--guidance", "2", "--out", str(tmp_path / "guided")]) == 0
 
 
 def test_cache_list_and_clear(tiny_cohort, tmp_path, monkeypatch, capsys):

@@ -38,6 +38,14 @@ def test_a_prior_config_written_before_position_logits_describes_a_prior_without
     assert from_dict(PixelCNNConfig, values | {"position_logits": True}).position_logits
 
 
+def test_position_dropout_is_a_share_below_1():
+    values = to_dict(PixelCNNConfig(position_dropout=0.1))
+    assert from_dict(PixelCNNConfig, values) == PixelCNNConfig(position_dropout=0.1)
+    for share in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="position_dropout"):
+            from_dict(PixelCNNConfig, values | {"position_dropout": share})
+
+
 def test_a_training_config_written_before_the_cooldown_describes_a_constant_rate_run():
     values = to_dict(TrainConfig())
     assert TrainConfig().cooldown > 0 and from_dict(TrainConfig, values) == TrainConfig()

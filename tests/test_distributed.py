@@ -80,9 +80,11 @@ def test_two_gloo_processes_train_the_same_weights_as_one_process_with_the_same_
     assert sorted(p.name for p in (parallel / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors"]
 
     # The prior, on the same VQ-VAE: a copy of the single-process run gets a two-process prior.
+    # Half the slice positions hidden: the two processes must hide those of the images one process hides.
     shutil.copytree(single, parallel, dirs_exist_ok=True)
-    assert main(["train-prior", str(single), *STEPS, *TINY_PRIOR]) == 0
-    torchrun("train-prior", str(parallel), *STEPS, *TINY_PRIOR)
+    hiding = [*TINY_PRIOR, "--position-dropout", "0.5"]
+    assert main(["train-prior", str(single), *STEPS, *hiding]) == 0
+    torchrun("train-prior", str(parallel), *STEPS, *hiding)
     assert_same_weights(single / "prior", parallel / "prior")
     # Resume under DDP picks up from the saved step.
     torchrun("train-prior", str(parallel), "--resume", "--epochs", "2", "--max-steps", "5", "--quiet")

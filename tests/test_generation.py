@@ -100,7 +100,8 @@ def test_same_seed_same_samples_and_bad_options_are_refused(trained_run):
     assert np.array_equal(first.images.numpy(), second.images.numpy())
     assert first.positions.tolist() == second.positions.tolist()
     for options, message in (({"temperature": 0}, "temperature"), ({"top_k": 33}, "top_k"),
-                             ({"slice_position": 32}, "slice position"), ({"method": "slow"}, "method")):
+                             ({"slice_position": 32}, "slice position"), ({"method": "slow"}, "method"),
+                             ({"guidance": -1.0}, "guidance"), ({"guidance": 2.0}, "position_dropout")):
         with pytest.raises(ConfigError, match=message):
             api.generate(trained_run, 1, **options)
 
@@ -112,17 +113,18 @@ def test_cli_sample_rejects_invalid_values_with_one_line(trained_run, tmp_path, 
         main(["sample", str(trained_run), "--out", str(tmp_path), "--temperature", "0"])
 
 
-def test_evaluate_samples_draws_with_the_temperature_and_top_k_given(trained_run, monkeypatch):
+def test_evaluate_samples_draws_with_the_temperature_top_k_and_guidance_given(trained_run, monkeypatch):
     class Drawn(Exception):
         pass
 
     def spying_generate(run_dir, n, **options):
-        raise Drawn(options["temperature"], options["top_k"])
+        raise Drawn(options["temperature"], options["top_k"], options["guidance"])
 
     monkeypatch.setattr(api, "generate", spying_generate)
     with pytest.raises(Drawn) as drawn:
-        main(["evaluate-samples", str(trained_run), "--n", "4", "--temperature", "0.8", "--top-k", "5"])
-    assert drawn.value.args == (0.8, 5)
+        main(["evaluate-samples", str(trained_run), "--n", "4", "--temperature", "0.8", "--top-k", "5",
+              "--guidance", "1.5"])
+    assert drawn.value.args == (0.8, 5, 1.5)
 
 
 class ImageCounter(HTMLParser):

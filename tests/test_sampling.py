@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
 from brainvq.errors import ConfigError
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
-from brainvq.sampling import choose_codes, draw_uniforms, sample_fast, sample_naive
+from brainvq.sampling import choose_codes, draw_uniforms, guided_logits, sample_fast, sample_naive
 
 
 def trained_looking_model(conditional: bool = True, grid_size: int = 8, attention_layers: int = 2,
@@ -17,7 +19,7 @@ def trained_looking_model(conditional: bool = True, grid_size: int = 8, attentio
     config = PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional, grid_size=grid_size,
                             attention_layers=attention_layers, attention_block=attention_block,
                             context_codebook_size=3 if context_grid_size else 0, context_grid_size=context_grid_size,
-                            position_template=position_template)
+                            position_template=position_template, position_dropout=0.1)
     model = GatedPixelCNN(config).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.conditioning.weight)
@@ -33,16 +35,17 @@ def trained_looking_model(conditional: bool = True, grid_size: int = 8, attentio
     return model
 
 
-@pytest.mark.parametrize(("conditional", "temperature", "top_k", "attention_layers", "position_template"),
-                         [(True, 1.0, None, 2, 0), (True, 0.7, 3, 2, 0), (False, 1.3, None, 2, 0),
-                          (True, 1.0, None, 0, 0), (True, 1.0, None, 2, 4)])
+@pytest.mark.parametrize(("conditional", "temperature", "top_k", "attention_layers", "position_template", "guidance"),
+                         [(True, 1.0, None, 2, 0, 1.0), (True, 0.7, 3, 2, 0, 1.0), (False, 1.3, None, 2, 0, 1.0),
+                          (True, 1.0, None, 0, 0, 1.0), (True, 1.0, None, 2, 4, 1.0), (True, 0.8, None, 2, 4, 2.5)])
 def test_fast_sampling_gives_exactly_the_naive_code_grids(conditional, temperature, top_k, attention_layers,
-                                                          position_template):
+                                                          position_template, guidance):
     model = trained_looking_model(conditional, attention_layers=attention_layers, position_template=position_template)
     uniforms = draw_uniforms(4, 8, torch.Generator().manual_seed(1))
     positions = torch.tensor([0, 9, 20, 31])
-    naive = sample_naive(model, uniforms, positions, temperature=temperature, top_k=top_k)
-    fast = sample_fast(model, uniforms, positions, temperature=temperature, top_k=top_k)
+    options = {"temperature": temperature, "top_k": top_k, "guidance": guidance}
+    naive = sample_naive(model, uniforms, positions, **options)
+    fast = sample_fast(model, uniforms, positions, **options)
     assert torch.equal(fast, naive)
     assert len(naive.unique()) > 1  # not a degenerate test: the grids hold several codes
 
@@ -67,6 +70,27 @@ def test_fast_sampling_gives_exactly_the_naive_code_grids_at_the_default_64x64_g
     naive = choose_codes(logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), uniforms.reshape(-1))
     assert torch.equal(fast.reshape(-1), naive)
     assert len(fast.unique()) > 1
+
+
+def test_guidance_moves_the_logits_from_the_unconditional_ones_through_the_conditional_ones():
+    conditional, unconditional = torch.tensor([[1.0, 3.0, -2.0]]), torch.tensor([[0.5, 1.0, 0.0]])
+    both = torch.cat([conditional, unconditional])  # the batch guided sampling runs: positions, then none
+    assert torch.equal(guided_logits(both, 1.0), both)  # guidance 1: the conditional prior, run once
+    assert torch.equal(guided_logits(both, 0.0), unconditional)
+    assert torch.allclose(guided_logits(both, 3.0), torch.tensor([[2.0, 7.0, -6.0]]))
+
+
+def test_guided_samples_differ_from_plain_ones_and_guidance_needs_a_prior_trained_with_position_dropout():
+    model = trained_looking_model()
+    uniforms = draw_uniforms(3, 8, torch.Generator().manual_seed(4))
+    positions = torch.tensor([2, 15, 29])
+    guided = sample_fast(model, uniforms, positions, guidance=3.0)
+    assert not torch.equal(guided, sample_fast(model, uniforms, positions))
+    untrained_for_it = GatedPixelCNN(dataclasses.replace(model.config, position_dropout=0.0))
+    with pytest.raises(ConfigError, match="position_dropout"):
+        sample_fast(untrained_for_it, uniforms, positions, guidance=2.0)
+    with pytest.raises(ConfigError, match="needs slice positions"):
+        sample_fast(model, uniforms, None, guidance=2.0)
 
 
 def test_samples_depend_on_the_random_numbers_and_the_slice_position():

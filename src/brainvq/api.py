@@ -23,6 +23,7 @@ from brainvq.config import (
     DEMO_MINUTES,
     DEMO_VQVAE_SHARE,
     SAMPLES_EVALUATED,
+    SAMPLING_GUIDANCE,
     SAMPLING_TEMPERATURE,
     TrainConfig,
     VQVAEConfig,
@@ -47,7 +48,7 @@ from brainvq.metrics.samples import (
     nearest_ssim,
 )
 from brainvq.metrics.segmentation import TISSUE_NAMES, IntensityRanges
-from brainvq.models.pixelcnn import PixelCNNConfig
+from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.reconstruction import measure_reconstructions, reconstruct_batches
 from brainvq.report import write_report
@@ -261,31 +262,37 @@ def _all_code_grids(run_dir: Path, data_dir: Path, device: str, precision: str) 
 @dataclasses.dataclass
 class Generated:
     """What `generate` made, on the CPU: images float32 [n, 1, S, S] in [0, 1], their label maps (class indices
-    int64 [n, S, S]) where the VQ-VAE is joint, else None, the slice positions [n], and the seconds taken."""
+    int64 [n, S, S]) where the VQ-VAE is joint, else None, the slice positions [n], the guidance they were drawn
+    with, and the seconds taken."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
     positions: torch.Tensor
+    guidance: float
     seconds: float
 
 
 def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float = SAMPLING_TEMPERATURE,
-             top_k: int | None = None, slice_position: int | list[int] | None = None, method: str = "fast",
-             device: str = "auto", progress: bool = True) -> Generated:
+             top_k: int | None = None, guidance: float | None = None,
+             slice_position: int | list[int] | None = None, method: str = "fast", device: str = "auto",
+             progress: bool = True) -> Generated:
     """Sample `n` code grids from the run's prior and decode them with its VQ-VAE (into slices and, for a joint
     VQ-VAE, their label maps).
 
     Slice positions: `slice_position` for every sample, one per sample when a list, or drawn uniformly from
-    the prior's positions (0..31 for OASIS) when None."""
+    the prior's positions (0..31 for OASIS) when None. `guidance`: None for the prior's default (`prior_guidance`)."""
     samplers = {"fast": sample_fast, "naive": sample_naive}
     if method not in samplers:
         raise ConfigError(f"method must be 'fast' or 'naive', not {method!r}")
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, not {temperature}")
+    if guidance is not None and not guidance >= 0:
+        raise ConfigError(f"guidance must be >= 0, not {guidance}")
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
     vqvae, _ = load_vqvae(run_dir)
     prior, _ = load_prior(run_dir)
+    guidance = prior_guidance(prior) if guidance is None else guidance
     if top_k is not None and not 1 <= top_k <= prior.config.codebook_size:
         raise ConfigError(f"top_k must be in 1..{prior.config.codebook_size}, not {top_k}")
     generator = torch.Generator().manual_seed(seed)
@@ -300,10 +307,16 @@ def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float =
     started = time.perf_counter()
     with tf32_off():  # so that fast and naive sampling agree on CUDA too (runtime.tf32_off says why)
         codes = samplers[method](prior.to(torch_device), uniforms, positions.to(torch_device),
-                                 temperature=temperature, top_k=top_k, progress=progress)
+                                 temperature=temperature, top_k=top_k, guidance=guidance, progress=progress)
     images, labels = vqvae.to(torch_device).decode(codes)
-    return Generated(images.cpu(), None if labels is None else labels.cpu(), positions,
+    return Generated(images.cpu(), None if labels is None else labels.cpu(), positions, guidance,
                      time.perf_counter() - started)
+
+
+def prior_guidance(prior: GatedPixelCNN) -> float:
+    """The guidance sampling uses unless told otherwise: SAMPLING_GUIDANCE for a prior trained with position
+    dropout, 1 (no guidance) for one without the unconditional model it needs."""
+    return SAMPLING_GUIDANCE if prior.has_no_position_row else 1.0
 
 
 def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> dict[str, Any]:
@@ -325,12 +338,12 @@ def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> 
 
 def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = SAMPLES_EVALUATED,
                      seed: int = 0, temperature: float = SAMPLING_TEMPERATURE, top_k: int | None = None,
-                     device: str = "auto", fid_weights: str | Path | None = None,
+                     guidance: float | None = None, device: str = "auto", fid_weights: str | Path | None = None,
                      progress: bool = True) -> dict[str, Any]:
-    """How far `n` samples (drawn with `temperature` and `top_k`, as `generate` does) are from real slices, each
-    measure beside the same measure on real slices; writes
-    RUN/eval_samples.json, samples_grid.png, samples_by_position.png and real_vs_generated_by_position.png, and
-    returns the figures. The samples cover every slice position equally (position i % positions for sample i).
+    """How far `n` samples (drawn with `temperature`, `top_k` and `guidance`, as `generate` does) are from real
+    slices, each measure beside the same measure on real slices; writes RUN/eval_samples.json, samples_grid.png,
+    samples_by_position.png and real_vs_generated_by_position.png, and returns the figures. The samples cover
+    every slice position equally (position i % positions for sample i).
 
     - "c2st": subject-disjoint classifier two-sample tests (metrics/samples.py): samples against real slices of
       the validation and test subjects, raw and as VQ-VAE reconstructions (which separates the prior's errors
@@ -357,7 +370,7 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     data_dir = _data_dir(run_dir, data_dir)
     prior, _ = load_prior(run_dir)
     positions = torch.arange(n) % prior.config.positions
-    generated = generate(run_dir, n, seed=seed, temperature=temperature, top_k=top_k,
+    generated = generate(run_dir, n, seed=seed, temperature=temperature, top_k=top_k, guidance=guidance,
                          slice_position=positions.tolist(), device=device, progress=progress)
     samples = generated.images
     splits = {split: load_split(data_dir, split) for split in ("train", "validate", "test")}
@@ -368,7 +381,7 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
         return torch.cat([batch.reconstructions for batch in reconstruct_batches(
             vqvae, dataset, device=vqvae_device, precision=precision)])
 
-    results = {"n_generated": n, "temperature": temperature, "top_k": top_k}
+    results = {"n_generated": n, "temperature": temperature, "top_k": top_k, "guidance": generated.guidance}
     results |= measure_samples(samples, positions, splits, datasets, reconstructed,
                                positions_count=prior.config.positions, seed=seed)
     results |= {"prior_nll_bits_per_code": prior_nll, "seconds_per_generated_image": generated.seconds / n}

@@ -21,6 +21,7 @@ from brainvq.config import (
     MAX_SEED,
     PRIOR_BATCH_SIZE,
     SAMPLES_EVALUATED,
+    SAMPLING_GUIDANCE,
     SAMPLING_TEMPERATURE,
     VQVAE_BATCH_SIZE,
     PixelCNNConfig,
@@ -108,10 +109,15 @@ def minutes(text: str) -> float:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """--temperature and --top-k, for `sample` and for `evaluate-samples` (which measures samples drawn so)."""
+    """--temperature, --top-k and --guidance, for `sample` and for `evaluate-samples` (which measures samples drawn
+    so)."""
     parser.add_argument("--temperature", type=positive_float, default=SAMPLING_TEMPERATURE,
                         help=f"softmax temperature (> 0; default {SAMPLING_TEMPERATURE:g})")
     parser.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codes")
+    parser.add_argument("--guidance", type=non_negative_number, default=None,
+                        help="classifier-free guidance by the slice position: 1 samples the conditional prior, "
+                             "more stresses the position's anatomy; needs a prior trained with position dropout "
+                             f"(default {SAMPLING_GUIDANCE:g} for such a prior, 1 for others)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let every layer read a SIDE x SIDE map of the codes expected at the slice position, "
                             "below and to the right included (default "
                             f"{PRIOR_DEFAULTS.position_template or 'none'}; 16 is measured in benchmarks/RESULTS.md)")
+    prior.add_argument("--position-dropout", type=non_negative_number, metavar="SHARE",
+                       help="share of training grids shown without their slice position, which --guidance "
+                            f"needs at sampling (in [0, 1); default {PRIOR_DEFAULTS.position_dropout:g})")
     prior.set_defaults(handler=run_train_prior)
 
     sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder "
@@ -380,7 +389,7 @@ def run_train_prior(args: argparse.Namespace) -> None:
                                   progress=not args.quiet)
     else:
         model_options = {"channels": args.channels, "layers": args.layers, "attention_layers": args.attention_layers,
-                         "position_template": args.position_template}
+                         "position_template": args.position_template, "position_dropout": args.position_dropout}
         prior_config = api.default_prior_config(
             args.run, args.data, conditional=not args.unconditional, position_logits=not args.no_position_logits,
             **{name: value for name, value in model_options.items() if value is not None})
@@ -393,7 +402,8 @@ def run_sample(args: argparse.Namespace) -> None:
     from brainvq import api
 
     made = api.sample(args.run, args.n, args.out, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                      slice_position=args.slice_position, method=args.method, device=args.device)
+                      guidance=args.guidance, slice_position=args.slice_position, method=args.method,
+                      device=args.device)
     what = "samples with their label maps (_seg.png)" if made["labelled"] else "samples"
     print(f"wrote {made['n']} {what} and samples_grid.png to {args.out} in {made['seconds']:.1f} s "
           f"({args.method} sampling)")
@@ -419,7 +429,8 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
     from brainvq import api
 
     print(json.dumps(api.evaluate_samples(args.run, data_dir=args.data, n=args.n, seed=args.seed,
-                                          temperature=args.temperature, top_k=args.top_k, device=args.device,
+                                          temperature=args.temperature, top_k=args.top_k,
+                                          guidance=args.guidance, device=args.device,
                                           fid_weights=args.fid_weights), indent=2))
 
 

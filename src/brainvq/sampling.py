@@ -7,6 +7,11 @@ Two samplers give the same code grids for the same random numbers:
   only the horizontal stack at that position is computed, from cached features of the positions to its left.
 Both draw all their random numbers up front (one uniform per position) and turn logits into a code with the
 same inverse-CDF rule, so any difference between them would be a bug, which a test checks bit for bit.
+
+With `guidance` g != 1 (classifier-free guidance, Ho & Salimans 2022) both run the batch twice over, once with
+the slice positions and once with NO_POSITION, and draw each code from unconditional + g (conditional -
+unconditional) logits: g > 1 stresses what the slice position says about the codes, towards the anatomy of that
+position. It needs a prior trained with position_dropout > 0.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brainvq.errors import ConfigError
-from brainvq.models.pixelcnn import GatedPixelCNN, layer_bias
+from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN, layer_bias
 
 
 def choose_codes(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0,
@@ -35,6 +40,27 @@ def choose_codes(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: f
     return chosen.squeeze(1).clamp_max(logits.shape[1] - 1)
 
 
+def guided_inputs(model: GatedPixelCNN, positions: torch.Tensor | None, context: torch.Tensor | None,
+                  guidance: float) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """What the network is run on: (positions, context, copies). Without guidance (g = 1) the inputs as given and
+    1 copy; with guidance the batch twice, first with its `positions` [B], then with NO_POSITION, and 2 copies."""
+    if guidance == 1:
+        return positions, context, 1
+    if not model.has_no_position_row or positions is None:
+        raise ConfigError(f"guidance {guidance:g} needs slice positions and a prior trained with position_dropout "
+                          "> 0 (guidance 1 samples without it)")
+    context = None if context is None else context.repeat(2, 1, 1)
+    return torch.cat([positions, torch.full_like(positions, NO_POSITION)]), context, 2
+
+
+def guided_logits(logits: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Logits [copies * B, K] of `guided_inputs`' batch -> [B, K]: unconditional + g (conditional - unconditional)."""
+    if guidance == 1:
+        return logits
+    conditional, unconditional = logits.float().chunk(2)
+    return unconditional + guidance * (conditional - unconditional)
+
+
 def _rows(size: int, progress: bool) -> Iterable[int]:
     """Row indices 0..size-1, shown as a progress bar with an ETA when `progress` (a batch can take minutes)."""
     return tqdm(range(size), desc="sampling", unit="row", disable=not progress, leave=False, file=sys.stderr,
@@ -48,35 +74,38 @@ def draw_uniforms(count: int, grid_size: int, generator: torch.Generator | None 
 
 @torch.no_grad()
 def sample_naive(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.Tensor | None = None, *,
-                 temperature: float = 1.0, top_k: int | None = None, progress: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, guidance: float = 1.0, progress: bool = False,
                  context: torch.Tensor | None = None) -> torch.Tensor:
     """uniforms [B, G, G] (and a context [B, Gc, Gc] int64 for a prior that takes one) -> code grids [B, G, G],
     by a full forward pass per position (a progress bar over the rows with `progress`)."""
     batch, size, _ = uniforms.shape
     device = next(model.parameters()).device
-    codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
+    positions, context, copies = guided_inputs(model, positions, context, guidance)
+    codes = torch.zeros(copies * batch, size, size, dtype=torch.int64, device=device)
     for row in _rows(size, progress):
         for column in range(size):
-            logits = model(codes, positions, context)[:, :, row, column]
-            codes[:, row, column] = choose_codes(logits, uniforms[:, row, column].to(device),
-                                                 temperature=temperature, top_k=top_k)
-    return codes
+            logits = guided_logits(model(codes, positions, context)[:, :, row, column], guidance)
+            chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature, top_k=top_k)
+            codes[:, row, column] = chosen.repeat(copies)
+    return codes[:batch]
 
 
 @torch.no_grad()
 def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.Tensor | None = None, *,
-                temperature: float = 1.0, top_k: int | None = None, progress: bool = False,
+                temperature: float = 1.0, top_k: int | None = None, guidance: float = 1.0, progress: bool = False,
                 context: torch.Tensor | None = None) -> torch.Tensor:
     """uniforms [B, G, G] (and a context [B, Gc, Gc] int64 for a prior that takes one) -> code grids [B, G, G],
     computing only what each new code changes (a progress bar over the rows with `progress`).
 
     This function only keeps the caches and calls the model's incremental steps in order: the layers' maths
     lives in the model (`first_*_step`, `GatedLayer.vertical_step` / `horizontal_step`, `BlockAttention.step`)."""
-    batch, size, _ = uniforms.shape
+    size = uniforms.shape[1]
     if size != model.config.grid_size:
         raise ConfigError(f"cannot sample {size}x{size} grids from a prior of {model.config.grid_size}x"
                           f"{model.config.grid_size} grids")
     device = next(model.parameters()).device
+    positions, context, copies = guided_inputs(model, positions, context, guidance)
+    batch = copies * len(uniforms)  # what the network runs on
     channels, reach, depth = model.config.channels, model.reach, len(model.layers)
     model.check_context(context, batch)
     conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]
@@ -128,8 +157,9 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
                 h, contribution = layer.horizontal_step(h_rows[index][:, :, :, column:column + reach + 1], h,
                                                         links[index][:, :, :, here], biases[index][:, :, :, here])
                 skip = skip + contribution
-            logits = model.logits(skip, output_bias[:, :, row:row + 1, here])[:, :, 0, 0]
-            chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature, top_k=top_k)
+            logits = guided_logits(model.logits(skip, output_bias[:, :, row:row + 1, here])[:, :, 0, 0], guidance)
+            chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature,
+                                  top_k=top_k).repeat(copies)
             codes[:, row, column] = chosen
             embedded[:, :, row + reach, column + reach] = model.embed(chosen, position_map[:, :, row, column])
-    return codes
+    return codes[:len(uniforms)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from brainvq.errors import ConfigError
-from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig, layer_bias
+from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN, PixelCNNConfig, layer_bias
 
 
 def input_gradients(model: GatedPixelCNN, codes: torch.Tensor, row: int, column: int) -> torch.Tensor:
@@ -96,6 +96,25 @@ def test_unconditional_model_ignores_positions_and_bad_positions_are_refused():
         conditional(codes, torch.tensor([0, 32]))
     with pytest.raises(ConfigError, match="this prior models 4x4"):
         conditional(torch.zeros(1, 5, 5, dtype=torch.int64))
+
+
+def test_the_no_position_row_starts_as_the_code_frequencies_of_all_positions_and_needs_position_dropout():
+    config = PixelCNNConfig(codebook_size=3, channels=8, layers=1, grid_size=2, positions=2, attention_layers=0,
+                            position_dropout=0.1)
+    model = GatedPixelCNN(config)
+    codes = torch.tensor([[[0, 1], [2, 2]], [[1, 1], [2, 0]], [[1, 0], [2, 2]]])
+    model.init_position_logits(codes, torch.tensor([0, 1, 1]), smoothing=1.0)
+    # Top-left place: code 0 in position 0's grid; code 1 in both of position 1's. Each count plus 1, then the
+    # positions' frequencies mixed by their shares of the grids (1/3 and 2/3).
+    expected = torch.tensor([2.0, 1.0, 1.0]) / 4 / 3 + torch.tensor([1.0, 3.0, 1.0]) / 5 * 2 / 3
+    assert torch.allclose(model.position_logits[NO_POSITION, :, 0, 0], expected.log())
+    assert len(model.position_logits) == 3  # positions 0 and 1, then the no-position row
+    logits = model(codes, torch.tensor([0, NO_POSITION, 1]))
+    assert torch.allclose(logits[1], model(codes[1:2], torch.tensor([NO_POSITION]))[0])
+    without = GatedPixelCNN(dataclasses.replace(config, position_dropout=0.0))
+    assert len(without.position_logits) == 2
+    with pytest.raises(ConfigError, match=r"0\.\.1$"):
+        without(codes, torch.tensor([0, NO_POSITION, 1]))
 
 
 def test_the_location_map_makes_the_logits_depend_on_where_a_position_is():

@@ -54,6 +54,10 @@ from brainvq.config import PixelCNNConfig
 from brainvq.errors import ConfigError
 from brainvq.models.attention import BlockAttention
 
+# The slice position of a grid shown without one: a prior trained with `position_dropout` > 0 has a row for it in
+# each per-position table, and its output for it is the unconditional model that classifier-free guidance needs.
+NO_POSITION = -1
+
 # Added to every count of `init_position_logits`: a code never seen at a place of a slice position (out of ~40
 # training grids there) starts ~6 nats below the commonest, unlikely but not impossible.
 POSITION_LOGIT_SMOOTHING = 0.1
@@ -153,7 +157,7 @@ class GatedPixelCNN(nn.Module):
         self.attention = nn.ModuleDict({str(index): BlockAttention(channels, self.config.grid_size, block,
                                                                    self.config.attention_heads)
                                         for index in self.config.attention_before})
-        conditions = self.config.positions if self.config.conditional else 1
+        conditions = self.config.positions + int(self.has_no_position_row) if self.config.conditional else 1
         self.conditioning = nn.Embedding(conditions, 2 * channels * self.config.layers)
         nn.init.zeros_(self.conditioning.weight)
         size, location_channels = self.config.grid_size, self.config.location_channels
@@ -174,19 +178,30 @@ class GatedPixelCNN(nn.Module):
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
 
+    @property
+    def has_no_position_row(self) -> bool:
+        """Whether the per-position tables have a row for grids without a position (NO_POSITION)."""
+        return self.config.conditional and self.config.position_dropout > 0
+
     def condition_vectors(self, positions: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         """Per-layer conditioning biases [layers, B, 2C]; all-equal (a learnt bias) when unconditional."""
+        if self.config.conditional and positions is not None and positions.numel():
+            valid = (positions >= 0) & (positions < self.config.positions)
+            if self.has_no_position_row:
+                valid |= positions == NO_POSITION
+            if not valid.all():
+                without = f" or {NO_POSITION} (no position)" if self.has_no_position_row else ""
+                raise ConfigError(f"slice positions must be in 0..{self.config.positions - 1}{without}")
         rows = self._table_rows(positions, batch, device)
-        if rows.numel() and (rows.min() < 0 or rows.max() >= len(self.conditioning.weight)):
-            raise ConfigError(f"slice positions must be in 0..{self.config.positions - 1}")
         return self.conditioning(rows).view(batch, self.config.layers, -1).transpose(0, 1)
 
     def _table_rows(self, positions: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         """Which row of each per-position table (conditioning, position maps, position logits) the slices use:
-        `positions` [B] int64, or row 0 for all `batch` slices when the prior is unconditional or none are given."""
+        `positions` [B] int64 (NO_POSITION: the last row), or row 0 for all `batch` slices when the prior is
+        unconditional or none are given."""
         if not self.config.conditional or positions is None:
             return torch.zeros(batch, dtype=torch.int64, device=device)
-        return positions
+        return torch.where(positions == NO_POSITION, self.config.positions, positions)
 
     def check_context(self, context: torch.Tensor | None, batch: int) -> None:
         """Refuse a context [B, Gc, Gc] int64 that this prior does not take, or lacks when it needs one."""
@@ -249,7 +264,8 @@ class GatedPixelCNN(nn.Module):
                              smoothing: float = POSITION_LOGIT_SMOOTHING) -> None:
         """Set the position logits to the log-frequencies of the training code grids `codes` [N, G, G] int64
         at their slice `positions` [N] int64 (None: unconditional), each count plus `smoothing`, so that a code
-        never seen at a place stays possible but unlikely there."""
+        never seen at a place stays possible but unlikely there; the NO_POSITION row, if any, to their
+        mixture over the positions."""
         if not self.config.position_logits:
             raise ConfigError("this prior has no position logits (position_logits = false)")
         rows = self._table_rows(positions, len(codes), codes.device)
@@ -259,6 +275,14 @@ class GatedPixelCNN(nn.Module):
         counts.index_put_((places.flatten(), codes.flatten()), torch.ones(codes.numel(), dtype=torch.float64),
                           accumulate=True)
         frequencies = (counts + smoothing) / (counts + smoothing).sum(dim=1, keepdim=True)
+        if self.has_no_position_row:
+            # The mixture of the positions' frequencies, each weighted by its share of the grids. Not the
+            # frequencies of the pooled counts: their smoothing would be ~positions times smaller beside the counts,
+            # making the unconditional output surer than any conditional one (guidance then draws brain into the
+            # background, where every position agrees).
+            per_row = frequencies.view(-1, size * size, codebook)
+            shares = torch.bincount(rows, minlength=len(per_row)).to(per_row) / len(rows)
+            per_row[-1] = torch.einsum("p,pgk->gk", shares[:-1], per_row[:-1])
         logits = frequencies.log().view(-1, size, size, codebook).permute(0, 3, 1, 2)
         self.position_logits.copy_(logits.to(self.position_logits))
 

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from brainvq.codes import CodeGrids
 from brainvq.config import PixelCNNConfig
-from brainvq.models.pixelcnn import GatedPixelCNN
+from brainvq.distributed import rank, world_size
+from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN
 from brainvq.runtime import autocast
 
 
@@ -26,6 +27,15 @@ def prior_inputs(batch: Sequence[torch.Tensor],
     `device`."""
     context = batch[2].to(device) if len(batch) > 2 else None
     return batch[0].to(device), batch[1].to(device), context
+
+
+def drop_positions(positions: torch.Tensor, share: float) -> torch.Tensor:
+    """This process's slice positions [b] -> the same with each replaced by NO_POSITION with probability `share`.
+
+    The random numbers are drawn for the whole global batch and dealt as epoch_loader deals its images (image j of
+    process r is image j * processes + r), so one process and several hide the same images' positions."""
+    draws = torch.rand(len(positions), world_size())[:, rank()].to(positions.device)
+    return torch.where(draws < share, NO_POSITION, positions)
 
 
 def new_prior(config: PixelCNNConfig, train_set: TensorDataset) -> GatedPixelCNN:
@@ -69,6 +79,8 @@ class PriorTask:
     def training_step(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """batch: (codes, positions) or (codes, positions, context)."""
         codes, positions, context = prior_inputs(batch, next(self.model.parameters()).device)
+        if self.model.has_no_position_row:  # the unconditional model classifier-free guidance needs
+            positions = drop_positions(positions, self.model.config.position_dropout)
         nats = F.cross_entropy(self.network(codes, positions, context).float(), codes)
         return {"loss": nats, "bits_per_code": nats / math.log(2)}
 
