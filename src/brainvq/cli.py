@@ -114,7 +114,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=positive_float, default=SAMPLING_TEMPERATURE,
                         help=f"softmax temperature (> 0; default {SAMPLING_TEMPERATURE:g})")
     parser.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codes")
-    parser.add_argument("--guidance", type=non_negative_number, default=None,
+    parser.add_argument("--guidance", type=non_negative_number, default=None, metavar="G",
                         help="classifier-free guidance by the slice position: 1 samples the conditional prior, "
                              "more stresses the position's anatomy; needs a prior trained with position dropout "
                              f"(default {SAMPLING_GUIDANCE:g} for such a prior, 1 for others)")
