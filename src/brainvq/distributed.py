@@ -72,6 +72,12 @@ def global_batch(share: torch.Tensor) -> torch.Tensor:
     return torch.stack(shares, 1).flatten(0, 1)
 
 
+def process_share(values: torch.Tensor) -> torch.Tensor:
+    """Values for a whole global batch [b * processes, ...] -> this process's share [b, ...], dealt as
+    epoch_loader deals its images (the inverse of `global_batch`; all the values when alone)."""
+    return values[rank()::world_size()]
+
+
 @contextlib.contextmanager
 def process_group(device_name: str = "auto") -> Iterator[torch.device]:
     """Join the torchrun process group, if launched by torchrun, and yield this process's device.

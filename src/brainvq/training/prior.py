@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from brainvq.codes import CodeGrids
 from brainvq.config import PixelCNNConfig
-from brainvq.distributed import rank, world_size
+from brainvq.distributed import process_share, world_size
 from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN
 from brainvq.runtime import autocast
 
@@ -32,9 +32,9 @@ def prior_inputs(batch: Sequence[torch.Tensor],
 def drop_positions(positions: torch.Tensor, share: float) -> torch.Tensor:
     """This process's slice positions [b] -> the same with each replaced by NO_POSITION with probability `share`.
 
-    The random numbers are drawn for the whole global batch and dealt as epoch_loader deals its images (image j of
-    process r is image j * processes + r), so one process and several hide the same images' positions."""
-    draws = torch.rand(len(positions), world_size())[:, rank()].to(positions.device)
+    The random numbers are drawn for the whole global batch and dealt as its images are, so one process and
+    several hide the same images' positions."""
+    draws = process_share(torch.rand(len(positions) * world_size())).to(positions.device)
     return torch.where(draws < share, NO_POSITION, positions)
 
 
