@@ -70,7 +70,8 @@ SAMPLING_TEMPERATURE = 0.8
 # `position_dropout` (others sample at 1, the plain conditional prior): logits = unconditional + guidance x
 # (conditional - unconditional). On such a prior after the CPU demo's 8.5 minutes, guidance 1 / 1.25 / 1.5 / 2 gave
 # a position error of 3.09 / 2.54 / 1.81 / 1.95 (real slices 2.53) and a Fréchet distance of 32 / 46 / 48 / 58 (real
-# 23.5); 2 drew holes. After 3x the minutes, 1 / 1.5 gave 3.22 / 2.49 and 22 / 36 (benchmarks/RESULTS.md).
+# 23.5); 2 drew holes. After 3x the minutes, 1 / 1.5 gave 3.22 / 2.49 and 22 / 36; after 10x, 3.94 / 2.59 and
+# 26 / 16, with a C2ST against reconstructions of 0.62 / 0.55 (real 0.48; benchmarks/RESULTS.md).
 SAMPLING_GUIDANCE = 1.5
 SAMPLES_EVALUATED = 256  # evaluate-samples' default n: 8 per OASIS slice position, 128 facing each held-out split
 
