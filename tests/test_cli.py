@@ -10,7 +10,7 @@ import pytest
 
 from brainvq import api
 from brainvq.cli import build_parser, main
-from brainvq.config import PRIOR_BATCH_SIZE, VQVAE_BATCH_SIZE
+from brainvq.config import PRIOR_BATCH_SIZE, PRIOR_MIRROR, VQVAE_BATCH_SIZE, VQVAE_MIRROR
 from brainvq.errors import CheckpointError
 
 TRAIN_FAST = ["--batch-size", "8", "--quiet", "--max-minutes", "0"]
@@ -98,14 +98,27 @@ def test_a_new_run_refuses_to_overwrite_an_existing_one(tiny_cohort, tmp_path, c
     assert (run / "checkpoints" / "last.safetensors").read_bytes() == before
 
 
-def test_each_model_trains_with_its_own_default_batch_size(tiny_cohort, tmp_path):
+def test_each_model_trains_with_its_own_default_batch_size_and_mirroring(tiny_cohort, tmp_path):
     run = tmp_path / "run"
     quick = ["--max-steps", "1", "--quiet", "--max-minutes", "0"]
     assert main(["train-vqvae", "--data", str(tiny_cohort), "--out", str(run), "--downsample", "8", *quick]) == 0
     assert main(["train-prior", str(run), "--channels", "8", "--layers", "2", *quick]) == 0
-    batch_sizes = [json.loads((folder / "config.json").read_text())["train"]["batch_size"]
-                   for folder in (run, run / "prior")]
-    assert batch_sizes == [VQVAE_BATCH_SIZE, PRIOR_BATCH_SIZE]
+    settings = [json.loads((folder / "config.json").read_text())["train"] for folder in (run, run / "prior")]
+    assert [train["batch_size"] for train in settings] == [VQVAE_BATCH_SIZE, PRIOR_BATCH_SIZE]
+    assert [train["mirror"] for train in settings] == [VQVAE_MIRROR, PRIOR_MIRROR]
+
+
+def test_mirror_doubles_the_vqvae_training_slices_and_a_resume_may_not_change_it(tiny_cohort, tmp_path, capsys):
+    steps = {}
+    for mirror in ("--mirror", "--no-mirror"):
+        run = tmp_path / mirror
+        arguments = ["train-vqvae", "--data", str(tiny_cohort), "--out", str(run), "--downsample", "8", *TRAIN_FAST]
+        assert main([*arguments, mirror, "--epochs", "1"]) == 0
+        steps[mirror] = json.loads((run / "metrics.jsonl").read_text())["step"]
+    assert steps == {"--mirror": 2 * 64 // 8, "--no-mirror": 64 // 8}  # 64 training slices (and mirrors), 8 a step
+    capsys.readouterr()
+    assert main([*arguments, "--mirror", "--epochs", "2", "--resume"]) == 1
+    assert "mirror" in capsys.readouterr().err
 
 
 def test_warmup_steps_sets_the_learning_rate_ramp_and_a_resume_may_not_change_it(tiny_cohort, tmp_path, capsys):

@@ -44,3 +44,23 @@ def test_slices_replaced_in_place_with_size_and_mtime_kept_give_new_code_grids(
     assert len(encoded) == 2
     expected = encode_dataset(model, SliceDataset(load_split(data, "test")), device=CPU, precision="fp32")
     np.testing.assert_array_equal(grids.codes, expected)
+
+
+def test_the_grids_of_mirrored_slices_are_cached_apart_from_the_others(tiny_cohort, tmp_path):
+    run = tmp_path / "run"
+    (run / BEST_CHECKPOINT).parent.mkdir(parents=True)
+    (run / BEST_CHECKPOINT).write_bytes(b"the checkpoint")
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(downsample=8, channels=32, code_dim=16))
+    plain = code_grids(run, tiny_cohort, "train", model, device=CPU, precision="fp32")
+    mirrored = code_grids(run, tiny_cohort, "train", model, device=CPU, precision="fp32", mirrored=True)
+    slices = load_split(tiny_cohort, "train")
+    expected = encode_dataset(model, SliceDataset(slices, mirrored=True), device=CPU, precision="fp32")
+    np.testing.assert_array_equal(mirrored.codes, expected)
+    assert not np.array_equal(mirrored.codes, plain.codes)
+    np.testing.assert_array_equal(mirrored.slice_indices, plain.slice_indices)
+    for name, grids in (("train", plain), ("train_mirrored", mirrored)):  # each read back from its own file
+        np.testing.assert_array_equal(np.load(run / "codes" / f"{name}.npy"), grids.codes)
+        again = code_grids(run, tiny_cohort, "train", model, device=CPU, precision="fp32",
+                           mirrored=name == "train_mirrored")
+        np.testing.assert_array_equal(again.codes, grids.codes)

@@ -14,8 +14,9 @@ from PIL import Image
 
 from brainvq import api
 from brainvq.cli import main
+from brainvq.codes import encode_dataset
 from brainvq.config import SAMPLING_TEMPERATURE, TrainConfig, VQVAEConfig
-from brainvq.data.dataset import load_split
+from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.errors import ConfigError
 from brainvq.images import load_png
 from brainvq.models.pixelcnn import POSITION_LOGIT_SMOOTHING, PixelCNNConfig
@@ -66,9 +67,21 @@ def test_prior_reports_validation_and_test_bits_per_code(trained_run):
     assert [record["epoch"] for record in history] == [1, 2]
 
 
+def test_the_prior_trains_on_the_grids_of_the_training_slices_and_of_their_mirror_images(trained_run, tiny_cohort):
+    vqvae, _ = api.load_vqvae(trained_run)
+    mirrored = SliceDataset(load_split(tiny_cohort, "train"), mirrored=True)
+    expected = encode_dataset(vqvae, mirrored, device=torch.device("cpu"), precision="fp32")
+    np.testing.assert_array_equal(np.load(trained_run / "codes" / "train_mirrored.npy"), expected)
+    train_config = json.loads((trained_run / "prior" / "config.json").read_text())["train"]
+    assert train_config["mirror"] is True  # the prior's default, recorded
+    history = [json.loads(line) for line in (trained_run / "prior" / "metrics.jsonl").read_text().splitlines()]
+    assert history[0]["step"] == 2 * 64 // QUICK["batch_size"]  # an epoch: 64 training grids and their mirrors
+
+
 def test_the_prior_starts_from_the_code_frequencies_of_its_training_grids(trained_run):
-    codes = np.load(trained_run / "codes" / "train.npy").astype(np.int64)
-    positions = np.array(json.loads((trained_run / "codes" / "train.json").read_text())["slice_indices"])
+    codes = np.concatenate([np.load(trained_run / "codes" / f"{name}.npy") for name in ("train", "train_mirrored")])
+    codes = codes.astype(np.int64)
+    positions = np.array(json.loads((trained_run / "codes" / "train.json").read_text())["slice_indices"] * 2)
     counts = np.zeros((32, 32, 32, 32))  # [position, code, row, column]
     rows, columns = np.indices(codes.shape[1:])
     for grid, position in zip(codes, positions, strict=True):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from brainvq.codes import CodeGrids, code_grids
 from brainvq.config import (
@@ -28,6 +28,7 @@ from brainvq.config import (
     TrainConfig,
     VQVAEConfig,
     default_batch_size,
+    default_mirror,
     load_json,
     save_json,
 )
@@ -103,6 +104,8 @@ def train_vqvae(data_dir: str | Path, run_dir: str | Path, *, model_config: VQVA
     model_config, train_config = _run_settings(run_dir, VQVAEConfig, model_config, train_config,
                                                resume=resume, overrides=resume_overrides, data_dir=data_dir)
     train_set = _slice_dataset(train_slices, model_config, data_dir)
+    if train_config.mirror:
+        train_set = ConcatDataset([train_set, SliceDataset(train_slices, mirrored=True)])
     validation_set = _slice_dataset(load_split(data_dir, "validate", progress=progress), model_config, data_dir)
     with process_group(train_config.device) as device:
         seed_everything(train_config.seed)  # the initial weights
@@ -185,15 +188,16 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
                           f"{prior_config.positions}", data_dir)
     with process_group(train_config.device) as device:
         # Rank 0 encodes and caches the code grids; the others then read its cache.
-        grids = _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision) if is_main() else None
+        grids = _all_code_grids(run_dir, data_dir, train_config) if is_main() else None
         barrier()
-        grids = grids or _all_code_grids(run_dir, data_dir, train_config.device, train_config.precision)
+        grids = grids or _all_code_grids(run_dir, data_dir, train_config)
+        train_set = code_dataset(grids["train"], *([grids["train_mirrored"]] if train_config.mirror else []))
         seed_everything(train_config.seed)
-        model = prepare_module(new_prior(prior_config, code_dataset(grids["train"])), device, train_config.precision)
+        model = prepare_module(new_prior(prior_config, train_set), device, train_config.precision)
         if not resume and is_main():
             write_run_config(prior_dir, prior_config, train_config)
         task = PriorTask(model, code_dataset(grids["validate"]), precision=train_config.precision)
-        train(task, code_dataset(grids["train"]), prior_dir, train_config, device, resume=resume, progress=progress)
+        train(task, train_set, prior_dir, train_config, device, resume=resume, progress=progress)
         if not is_main():
             return {}
     best, metadata = load_prior(run_dir)
@@ -231,13 +235,13 @@ def _run_settings(folder: Path, model_class: type, model_config: Any, train_conf
     Otherwise: the given settings, validated, refusing to overwrite a run that is already there."""
     if resume:
         model_config, saved = read_run_config(folder, model_class)
-        return model_config, _with_batch_size(resumed_train_config(saved, overrides or {}, folder), model_class)
+        return model_config, _with_model_defaults(resumed_train_config(saved, overrides or {}, folder), model_class)
     # A config.json without a checkpoint is a run that failed before its first epoch: nothing to lose by
     # starting it again, and a user who fixed the mistake should not be told to resume a run that never began.
     if (folder / CONFIG_FILE).exists() and (folder / LAST_CHECKPOINT).exists():
         raise ConfigError("already holds a training run; pass --resume to continue it or choose a new "
                           "output folder", folder)
-    train_config = _with_batch_size(train_config or TrainConfig(), model_class)
+    train_config = _with_model_defaults(train_config or TrainConfig(), model_class)
     train_config.validate()
     # The run records the precision it trains in, so that a resume (or an evaluation) elsewhere keeps it.
     precision = resolve_precision(train_config.precision, resolve_device(train_config.device))
@@ -246,17 +250,23 @@ def _run_settings(folder: Path, model_class: type, model_config: Any, train_conf
     return model_config, train_config
 
 
-def _with_batch_size(train_config: TrainConfig, model_class: type) -> TrainConfig:
-    """`train_config` with its batch size, the model's default where it gives none."""
-    if train_config.batch_size is not None:
-        return train_config
-    return dataclasses.replace(train_config, batch_size=default_batch_size(model_class))
+def _with_model_defaults(train_config: TrainConfig, model_class: type) -> TrainConfig:
+    """`train_config` with its batch size and mirroring, the model's defaults where it gives none."""
+    batch_size = train_config.batch_size if train_config.batch_size is not None else default_batch_size(model_class)
+    mirror = train_config.mirror if train_config.mirror is not None else default_mirror(model_class)
+    return dataclasses.replace(train_config, batch_size=batch_size, mirror=mirror)
 
 
-def _all_code_grids(run_dir: Path, data_dir: Path, device: str, precision: str) -> dict[str, CodeGrids]:
-    vqvae, _, torch_device, precision = _ready_vqvae(run_dir, device, precision)
-    return {split: code_grids(run_dir, data_dir, split, vqvae, device=torch_device, precision=precision)
-            for split in ("train", "validate", "test")}
+def _all_code_grids(run_dir: Path, data_dir: Path, train_config: TrainConfig) -> dict[str, CodeGrids]:
+    """The code grids a prior trains with: of each split, and ("train_mirrored") of the mirrored training slices
+    when it trains on those too."""
+    vqvae, _, device, precision = _ready_vqvae(run_dir, train_config.device, train_config.precision)
+    grids = {split: code_grids(run_dir, data_dir, split, vqvae, device=device, precision=precision)
+             for split in ("train", "validate", "test")}
+    if train_config.mirror:
+        grids["train_mirrored"] = code_grids(run_dir, data_dir, "train", vqvae, device=device, precision=precision,
+                                             mirrored=True)
+    return grids
 
 
 @dataclasses.dataclass

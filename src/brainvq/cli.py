@@ -20,10 +20,12 @@ from brainvq.config import (
     DEVICE_NAMES,
     MAX_SEED,
     PRIOR_BATCH_SIZE,
+    PRIOR_MIRROR,
     SAMPLES_EVALUATED,
     SAMPLING_GUIDANCE,
     SAMPLING_TEMPERATURE,
     VQVAE_BATCH_SIZE,
+    VQVAE_MIRROR,
     PixelCNNConfig,
     TrainConfig,
     VQVAEConfig,
@@ -286,6 +288,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int,
                         help=f"images per step (default {VQVAE_BATCH_SIZE} for the VQ-VAE, {PRIOR_BATCH_SIZE} "
                              "code grids for the prior; larger on a GPU)")
+    parser.add_argument("--mirror", action=argparse.BooleanOptionalAction,
+                        help="also train on each training slice mirrored left-right (default: "
+                             f"{'yes' if PRIOR_MIRROR else 'no'} for the prior, {'yes' if VQVAE_MIRROR else 'no'} "
+                             "for the VQ-VAE)")
     parser.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default {TRAIN_DEFAULTS.lr:g})")
     parser.add_argument("--warmup-steps", type=non_negative_int,
                         help=f"steps of linear learning-rate warm-up (default {TRAIN_DEFAULTS.warmup_steps})")
@@ -348,7 +354,7 @@ def run_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "lr", "warmup_steps", "cooldown",
+TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "mirror", "lr", "warmup_steps", "cooldown",
                       "precision", "device", "compile", "seed")
 
 

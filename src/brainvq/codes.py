@@ -51,17 +51,19 @@ def encode_dataset(model: VQVAE, dataset: SliceDataset, *, device: torch.device,
 
 
 def code_grids(run_dir: Path, data_dir: str | Path, split: str, model: VQVAE, *, device: torch.device,
-               precision: str) -> CodeGrids:
-    """The cached code grids of `split`, (re)made if missing or stale."""
+               precision: str, mirrored: bool = False) -> CodeGrids:
+    """The cached code grids of `split` (with `mirrored`: of its slices mirrored left-right, cached apart), (re)made
+    if missing or stale."""
     slices = load_split(data_dir, split)
     folder = Path(run_dir) / CODES_FOLDER
-    codes_path, index_path = folder / f"{split}.npy", folder / f"{split}.json"
+    name = f"{split}_mirrored" if mirrored else split
+    codes_path, index_path = folder / f"{name}.npy", folder / f"{name}.json"
     made_by = {"checkpoint_sha256": _sha256(Path(run_dir) / BEST_CHECKPOINT), "slices_key": slices.key}
     cached = _read_cache(codes_path, index_path, made_by, len(slices.files))
     if cached is not None:
         return CodeGrids(*cached, split)
     remove_stale_temporaries(folder)  # of a remake cut short by a kill
-    codes = encode_dataset(model, SliceDataset(slices), device=device, precision=precision)
+    codes = encode_dataset(model, SliceDataset(slices, mirrored=mirrored), device=device, precision=precision)
     with atomic_path(codes_path) as temporary, open(temporary, "wb") as handle:
         np.save(handle, codes)
     index = {"made_by": made_by, "case_ids": slices.case_ids, "slice_indices": slices.slice_indices.tolist()}

@@ -72,7 +72,8 @@ def sample_mask_path(slice_file: Path) -> Path:
 
 
 # Fields that define the optimisation itself: a resumed run must keep them, or it is no longer the same run.
-RECIPE_FIELDS = ("batch_size", "lr", "warmup_steps", "cooldown", "weight_decay", "max_grad_norm", "precision", "seed")
+RECIPE_FIELDS = ("batch_size", "mirror", "lr", "warmup_steps", "cooldown", "weight_decay", "max_grad_norm", "precision",
+                 "seed")
 
 ModelConfig = TypeVar("ModelConfig", VQVAEConfig, PixelCNNConfig)
 

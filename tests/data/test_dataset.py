@@ -194,3 +194,13 @@ def test_slice_dataset_gives_unit_range_tensors_with_slice_indices(oasis_dir: Pa
     assert (image.shape, image.dtype, slice_index) == ((1, 256, 256), torch.float32, 7)
     torch.testing.assert_close(image[0], torch.from_numpy(pixels(2, 7)).float() / 255)
     assert image.min() >= 0 and image.max() <= 1
+
+
+def test_a_mirrored_slice_dataset_gives_each_image_and_label_map_mirrored_left_right(tiny_cohort: Path) -> None:
+    slices = load_split(tiny_cohort, "train")
+    image, slice_index, labels = SliceDataset(slices)[40]
+    mirrored_image, mirrored_index, mirrored_labels = SliceDataset(slices, mirrored=True)[40]
+    assert mirrored_index == slice_index == 8
+    assert not torch.equal(mirrored_image, image)  # a demo slice is not exactly symmetric
+    torch.testing.assert_close(mirrored_image, image.flip(-1), rtol=0, atol=0)
+    torch.testing.assert_close(mirrored_labels, labels.flip(-1), rtol=0, atol=0)

@@ -78,20 +78,26 @@ class SliceSet:
 
 class SliceDataset(Dataset):
     """A SliceSet for torch: item ``i`` is (image float32 [1, 256, 256] in [0, 1], slice index), followed by
-    the label map (uint8 [256, 256] class indices) where the slices have masks."""
+    the label map (uint8 [256, 256] class indices) where the slices have masks; with ``mirrored``, image and
+    label map are mirrored left-right (their columns in reverse order)."""
 
-    def __init__(self, slices: SliceSet) -> None:
+    def __init__(self, slices: SliceSet, *, mirrored: bool = False) -> None:
         self.slices = slices
+        self.mirrored = mirrored
 
     def __len__(self) -> int:
         return len(self.slices.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        image = torch.from_numpy(self.slices.images[index].astype(np.float32) / 255).unsqueeze(0)
+        image = torch.from_numpy(self._pixels(self.slices.images, index).astype(np.float32) / 255).unsqueeze(0)
         item = (image, int(self.slices.slice_indices[index]))
         if self.slices.labels is None:
             return item
-        return (*item, torch.from_numpy(np.array(self.slices.labels[index])))
+        return (*item, torch.from_numpy(self._pixels(self.slices.labels, index)))
+
+    def _pixels(self, array: np.ndarray, index: int) -> np.ndarray:
+        """A copy of array[index] [256, 256] (mirrored if the data set is): the memmap is read-only."""
+        return (array[index, :, ::-1] if self.mirrored else array[index]).copy()
 
 
 def prepare_batch(batch: tuple | list, device: torch.device,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -16,9 +17,10 @@ from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN
 from brainvq.runtime import autocast
 
 
-def code_dataset(grids: CodeGrids) -> TensorDataset:
-    """Items: (codes int64 [G, G], slice position int64)."""
-    return TensorDataset(torch.from_numpy(grids.codes.astype("int64")), torch.from_numpy(grids.slice_indices))
+def code_dataset(*grids: CodeGrids) -> TensorDataset:
+    """The grids of one or more CodeGrids, in order. Items: (codes int64 [G, G], slice position int64)."""
+    return TensorDataset(torch.from_numpy(np.concatenate([part.codes for part in grids]).astype("int64")),
+                         torch.from_numpy(np.concatenate([part.slice_indices for part in grids])))
 
 
 def prior_inputs(batch: Sequence[torch.Tensor],
