@@ -1,11 +1,12 @@
 """Sampling speed: naive (whole network per code) against fast (cached) sampling, batch 16, one run.
 
-The default PixelCNN prior samples a batch of code grids both ways for each grid size, in fp32 as
-`brainvq sample` runs it. Fast sampling is timed over whole grids. Naive sampling costs one full forward pass
-per position whatever the position, so it is timed over the first `--naive-positions` positions and scaled to
-the whole grid (a full naive 64x64 batch takes the better part of an hour here); the scaled figure is marked as
-such. Both are interleaved over `--rounds` rounds and the table gives medians. Weights are random: speed does
-not depend on them. Run from the repository root:
+The prior a run gets by default (PixelCNNConfig with the outline model of `PRIOR_OUTLINE_MODES` modes, so each
+grid is conditioned on an outline, as `brainvq sample` draws them) samples a batch of code grids both ways for
+each grid size, in fp32 as `brainvq sample` runs it. Fast sampling is timed over whole grids. Naive sampling
+costs one full forward pass per position whatever the position, so it is timed over the first
+`--naive-positions` positions and scaled to the whole grid (a full naive 64x64 batch takes the better part of an
+hour here); the scaled figure is marked as such. Both are interleaved over `--rounds` rounds and the table gives
+medians. Weights are random: speed does not depend on them. Run from the repository root:
 
     python benchmarks/sampling.py [--grid-sizes 32 64] [--batch-size 16] [--naive-positions 16] [--rounds 3]
                                   [--quick] [--json PATH]
@@ -14,6 +15,7 @@ not depend on them. Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 from common import (
@@ -28,8 +30,21 @@ from common import (
     write_json,
 )
 
+from brainvq.config import PRIOR_OUTLINE_MODES
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.sampling import choose_codes, draw_uniforms, sample_fast
+
+DEFAULT_PRIOR = PixelCNNConfig(outline_modes=PRIOR_OUTLINE_MODES)  # what api.default_prior_config gives a run
+
+
+def default_prior(grid_size: int) -> GatedPixelCNN:
+    """The prior a run gets by default, at `grid_size`, with random weights (speed does not depend on them)."""
+    return GatedPixelCNN(dataclasses.replace(DEFAULT_PRIOR, grid_size=grid_size)).eval()
+
+
+def full_outlines(batch_size: int, grid_size: int) -> torch.Tensor:
+    """Outlines [B, G, G] covering every code (what they cover does not change the work)."""
+    return torch.ones(batch_size, grid_size, grid_size, dtype=torch.int64)
 
 
 @torch.no_grad()
@@ -39,17 +54,19 @@ def naive_seconds_per_position(model: GatedPixelCNN, grid_size: int, batch_size:
     slices = torch.randint(0, 32, (batch_size,))
     uniforms = torch.rand(batch_size)
 
+    outlines = full_outlines(batch_size, grid_size)
+
     def run() -> None:
         for index in range(positions):
             row, column = divmod(index, grid_size)
-            codes[:, row, column] = choose_codes(model(codes, slices)[:, :, row, column], uniforms)
+            codes[:, row, column] = choose_codes(model(codes, slices, outlines)[:, :, row, column], uniforms)
     return seconds(run) / positions
 
 
 def fast_seconds(model: GatedPixelCNN, grid_size: int, batch_size: int) -> float:
     uniforms = draw_uniforms(batch_size, grid_size, torch.Generator().manual_seed(0))
     slices = torch.randint(0, 32, (batch_size,))
-    return seconds(lambda: sample_fast(model, uniforms, slices))
+    return seconds(lambda: sample_fast(model, uniforms, slices, context=full_outlines(batch_size, grid_size)))
 
 
 def main() -> None:
@@ -66,7 +83,7 @@ def main() -> None:
     measures = {}
     for grid_size in args.grid_sizes:
         torch.manual_seed(0)
-        model = GatedPixelCNN(PixelCNNConfig(grid_size=grid_size)).eval()
+        model = default_prior(grid_size)
         naive_seconds_per_position(model, grid_size, args.batch_size, 1)  # warm-up
         measures[f"fast {grid_size}"] = lambda model=model, size=grid_size: fast_seconds(model, size, args.batch_size)
         measures[f"naive {grid_size}"] = lambda model=model, size=grid_size: naive_seconds_per_position(
@@ -91,7 +108,7 @@ def main() -> None:
     write_json(json_path(args, "sampling"), {
         "benchmark": "sampling", **env, "quick": args.quick, "batch_size": args.batch_size,
         "rounds": args.rounds, "cpu_share": share.record(),
-        "naive_positions": args.naive_positions, "prior": PixelCNNConfig().__dict__,
+        "naive_positions": args.naive_positions, "prior": DEFAULT_PRIOR.__dict__,
         "results": results})
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from brainvq import api
 from brainvq.cli import build_parser, main
-from brainvq.config import PRIOR_BATCH_SIZE, PRIOR_MIRROR, VQVAE_BATCH_SIZE, VQVAE_MIRROR
+from brainvq.config import PRIOR_BATCH_SIZE, PRIOR_MIRROR, PRIOR_OUTLINE_MODES, VQVAE_BATCH_SIZE, VQVAE_MIRROR
 from brainvq.errors import CheckpointError
 
 TRAIN_FAST = ["--batch-size", "8", "--quiet", "--max-minutes", "0"]
@@ -98,7 +98,7 @@ def test_a_new_run_refuses_to_overwrite_an_existing_one(tiny_cohort, tmp_path, c
     assert (run / "checkpoints" / "last.safetensors").read_bytes() == before
 
 
-def test_each_model_trains_with_its_own_default_batch_size_and_mirroring(tiny_cohort, tmp_path):
+def test_each_model_gets_its_default_batch_size_and_mirroring_and_the_prior_an_outline_model(tiny_cohort, tmp_path):
     run = tmp_path / "run"
     quick = ["--max-steps", "1", "--quiet", "--max-minutes", "0"]
     assert main(["train-vqvae", "--data", str(tiny_cohort), "--out", str(run), "--downsample", "8", *quick]) == 0
@@ -106,6 +106,10 @@ def test_each_model_trains_with_its_own_default_batch_size_and_mirroring(tiny_co
     settings = [json.loads((folder / "config.json").read_text())["train"] for folder in (run, run / "prior")]
     assert [train["batch_size"] for train in settings] == [VQVAE_BATCH_SIZE, PRIOR_BATCH_SIZE]
     assert [train["mirror"] for train in settings] == [VQVAE_MIRROR, PRIOR_MIRROR]
+    assert json.loads((run / "prior" / "config.json").read_text())["model"]["outline_modes"] == PRIOR_OUTLINE_MODES
+    shutil.rmtree(run / "prior")
+    assert main(["train-prior", str(run), "--channels", "8", "--layers", "2", "--outline-modes", "0", *quick]) == 0
+    assert json.loads((run / "prior" / "config.json").read_text())["model"]["outline_modes"] == 0
 
 
 def test_mirror_doubles_the_vqvae_training_slices_and_a_resume_may_not_change_it(tiny_cohort, tmp_path, capsys):

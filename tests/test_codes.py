@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from brainvq import codes
-from brainvq.codes import code_grids, encode_dataset
+from brainvq.codes import code_grids, encode_dataset, slice_outlines
 from brainvq.config import VQVAEConfig
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.models.vqvae import VQVAE
@@ -64,3 +64,21 @@ def test_the_grids_of_mirrored_slices_are_cached_apart_from_the_others(tiny_coho
         again = code_grids(run, tiny_cohort, "train", model, device=CPU, precision="fp32",
                            mirrored=name == "train_mirrored")
         np.testing.assert_array_equal(again.codes, grids.codes)
+    np.testing.assert_array_equal(plain.outlines, slice_outlines(slices.images, 32))
+    np.testing.assert_array_equal(mirrored.outlines, plain.outlines[:, :, ::-1])
+
+
+def test_an_outline_takes_every_code_with_any_brain_pixel_and_fills_holes():
+    slice_ = np.zeros((64, 64), dtype=np.uint8)
+    slice_[16:48, 16:48] = 200  # a bright square ...
+    slice_[28:36, 28:36] = 0  # ... with a dark hole (a ventricle, say)
+    slice_[8, 58] = 200  # one bright pixel near the top right corner
+    outline = slice_outlines(slice_[None], 16)[0]  # 4x4 pixels a code
+    expected = np.zeros((16, 16), dtype=np.uint8)
+    # The metrics' brain mask grows the bright pixels by 2: the square covers pixels 14..49, codes 3..12.
+    expected[3:13, 3:13] = 1
+    expected[1:3, 14] = 1  # the single pixel grown to rows 6..10, columns 56..60: codes (1..2, 14..15)
+    expected[1:3, 15] = 1
+    np.testing.assert_array_equal(outline, expected)
+    mirrored = slice_outlines(slice_[None], 16, mirrored=True)[0]
+    np.testing.assert_array_equal(mirrored, expected[:, ::-1])

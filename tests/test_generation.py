@@ -14,8 +14,8 @@ from PIL import Image
 
 from brainvq import api
 from brainvq.cli import main
-from brainvq.codes import encode_dataset
-from brainvq.config import SAMPLING_TEMPERATURE, TrainConfig, VQVAEConfig
+from brainvq.codes import encode_dataset, slice_outlines
+from brainvq.config import PRIOR_OUTLINE_MODES, SAMPLING_TEMPERATURE, TrainConfig, VQVAEConfig
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.errors import ConfigError
 from brainvq.images import load_png
@@ -44,8 +44,10 @@ def trained_run(tiny_cohort, tmp_path_factory):
     run = tmp_path_factory.mktemp("generation") / "run"
     api.train_vqvae(tiny_cohort, run, model_config=VQVAEConfig(downsample=8, channels=32, code_dim=16),
                     train_config=TrainConfig(epochs=2, **QUICK), progress=False)
-    # The default prior design (with attention), with a short warm-up and a high rate so that 16 steps learn.
-    api.train_prior(run, prior_config=PixelCNNConfig(codebook_size=32, channels=16, layers=3, grid_size=32),
+    # The default prior design (with attention and an outline model), with a short warm-up and a high rate so that
+    # 16 steps learn.
+    api.train_prior(run, prior_config=PixelCNNConfig(codebook_size=32, channels=16, layers=3, grid_size=32,
+                                                     outline_modes=PRIOR_OUTLINE_MODES),
                     train_config=TrainConfig(epochs=2, warmup_steps=4, lr=5e-3, **QUICK), progress=False)
     return run
 
@@ -93,6 +95,33 @@ def test_the_prior_starts_from_the_code_frequencies_of_its_training_grids(traine
     # several nats (a code seen at every grid of a place against codes never seen there).
     assert float(initial.max() - initial.min()) > 3
     torch.testing.assert_close(prior.position_logits.detach(), initial, rtol=0, atol=0.1)
+
+
+def test_the_prior_draws_each_slices_outline_first_from_a_shape_model_of_the_training_outlines(
+        trained_run, tiny_cohort, monkeypatch):
+    prior, _ = api.load_prior(trained_run)
+    train = load_split(tiny_cohort, "train")
+    outlines = np.concatenate([slice_outlines(train.images, 32, mirrored=mirrored) for mirrored in (False, True)])
+    positions = np.concatenate([train.slice_indices] * 2)
+    training_areas = np.array([outlines[positions == p].sum(axis=(1, 2)).mean() for p in range(32)])
+    drawn = prior.draw_outlines(torch.arange(32).repeat(20), 640, torch.Generator().manual_seed(0))
+    drawn_areas = drawn.view(20, 32, -1).sum(dim=2).float().mean(dim=0).numpy()
+    # The brain's area grows from the lowest slices to the middle ones and shrinks again: so do the drawn ones'.
+    assert training_areas.max() > 1.5 * training_areas.min()
+    assert np.corrcoef(training_areas, drawn_areas)[0, 1] > 0.95
+    assert np.abs(drawn_areas / training_areas - 1).mean() < 0.15
+
+    sampled_with = {}
+
+    def recording_sampler(*args, context=None, **kwargs):
+        sampled_with["context"] = context
+        return sample_fast(*args, context=context, **kwargs)
+
+    monkeypatch.setattr(api, "sample_fast", recording_sampler)
+    api.generate(trained_run, 3, seed=7, slice_position=[5, 16, 27])
+    expected = prior.draw_outlines(torch.tensor([5, 16, 27]), 3, torch.Generator().manual_seed(7),
+                                   temperature=SAMPLING_TEMPERATURE)
+    assert torch.equal(sampled_with["context"], expected)
 
 
 def test_sample_writes_pngs_and_a_grid_and_fast_equals_naive(trained_run, tmp_path):

@@ -22,6 +22,7 @@ from brainvq.codes import CodeGrids, code_grids
 from brainvq.config import (
     DEMO_MINUTES,
     DEMO_VQVAE_SHARE,
+    PRIOR_OUTLINE_MODES,
     SAMPLES_EVALUATED,
     SAMPLING_GUIDANCE,
     SAMPLING_TEMPERATURE,
@@ -191,12 +192,14 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
         grids = _all_code_grids(run_dir, data_dir, train_config) if is_main() else None
         barrier()
         grids = grids or _all_code_grids(run_dir, data_dir, train_config)
-        train_set = code_dataset(grids["train"], *([grids["train_mirrored"]] if train_config.mirror else []))
+        outlines = prior_config.outline_modes > 0
+        train_set = code_dataset(grids["train"], *([grids["train_mirrored"]] if train_config.mirror else []),
+                                 outlines=outlines)
         seed_everything(train_config.seed)
         model = prepare_module(new_prior(prior_config, train_set), device, train_config.precision)
         if not resume and is_main():
             write_run_config(prior_dir, prior_config, train_config)
-        task = PriorTask(model, code_dataset(grids["validate"]), precision=train_config.precision)
+        task = PriorTask(model, code_dataset(grids["validate"], outlines=outlines), precision=train_config.precision)
         train(task, train_set, prior_dir, train_config, device, resume=resume, progress=progress)
         if not is_main():
             return {}
@@ -204,7 +207,7 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
     results = {  # the best checkpoint's validation figure was measured when it was saved; only test is new
         "validate_nll_bits_per_code": _number(metadata.get("val"), "nll_bits_per_code",
                                               run_dir / PRIOR_FOLDER / BEST_CHECKPOINT),
-        "test_nll_bits_per_code": nll_bits_per_code(best.to(device), code_dataset(grids["test"]),
+        "test_nll_bits_per_code": nll_bits_per_code(best.to(device), code_dataset(grids["test"], outlines=outlines),
                                                     precision=train_config.precision),
         "checkpoint_epoch": metadata["epoch"], "grid_size": vqvae_config.grid_size,
         "codebook_size": vqvae_config.codebook_size,
@@ -220,11 +223,12 @@ def slice_positions(data_dir: str | Path) -> int:
 
 def default_prior_config(run_dir: str | Path, data_dir: str | Path | None = None, **options: Any) -> PixelCNNConfig:
     """The prior a run gets unless told otherwise: the codebook and grid of its VQ-VAE, one slice position per
-    slice index of the training data (`data_dir`, default the run's), and `options` (other PixelCNNConfig
-    fields) over PixelCNNConfig's defaults."""
+    slice index of the training data (`data_dir`, default the run's), an outline model of PRIOR_OUTLINE_MODES
+    modes, and `options` (other PixelCNNConfig fields) over PixelCNNConfig's defaults."""
     vqvae_config, _ = read_run_config(Path(run_dir))
     return PixelCNNConfig(codebook_size=vqvae_config.codebook_size, grid_size=vqvae_config.grid_size,
-                          positions=slice_positions(_data_dir(Path(run_dir), data_dir)), **options)
+                          positions=slice_positions(_data_dir(Path(run_dir), data_dir)),
+                          **({"outline_modes": PRIOR_OUTLINE_MODES} | options))
 
 
 def _run_settings(folder: Path, model_class: type, model_config: Any, train_config: TrainConfig | None, *,
@@ -313,11 +317,16 @@ def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float =
         bad = positions[(positions < 0) | (positions >= prior.config.positions)]
         if len(bad):
             raise ConfigError(f"slice position must be in 0..{prior.config.positions - 1}, not {int(bad[0])}")
-    uniforms = draw_uniforms(n, vqvae.config.grid_size, generator)
     started = time.perf_counter()
+    # A prior with an outline model draws each slice's outline first (at the same temperature), then the codes
+    # inside it.
+    outlines = (prior.draw_outlines(positions, n, generator, temperature=temperature).to(torch_device)
+                if prior.config.outline_modes else None)
+    uniforms = draw_uniforms(n, vqvae.config.grid_size, generator)
     with tf32_off():  # so that fast and naive sampling agree on CUDA too (runtime.tf32_off says why)
         codes = samplers[method](prior.to(torch_device), uniforms, positions.to(torch_device),
-                                 temperature=temperature, top_k=top_k, guidance=guidance, progress=progress)
+                                 temperature=temperature, top_k=top_k, guidance=guidance, progress=progress,
+                                 context=outlines)
     images, labels = vqvae.to(torch_device).decode(codes)
     return Generated(images.cpu(), None if labels is None else labels.cpu(), positions, guidance,
                      time.perf_counter() - started)

@@ -21,6 +21,7 @@ from brainvq.config import (
     MAX_SEED,
     PRIOR_BATCH_SIZE,
     PRIOR_MIRROR,
+    PRIOR_OUTLINE_MODES,
     SAMPLES_EVALUATED,
     SAMPLING_GUIDANCE,
     SAMPLING_TEMPERATURE,
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--position-dropout", type=non_negative_number, metavar="SHARE",
                        help="share of training grids shown without their slice position, which --guidance "
                             f"needs at sampling (in [0, 1); default {PRIOR_DEFAULTS.position_dropout:g})")
+    prior.add_argument("--outline-modes", type=non_negative_int, metavar="MODES",
+                       help="modes of the shape model that draws each slice's outline before the codes inside it "
+                            f"(default {PRIOR_OUTLINE_MODES}; 0: none, the codes make the outline as they come)")
     prior.set_defaults(handler=run_train_prior)
 
     sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder "
@@ -395,7 +399,8 @@ def run_train_prior(args: argparse.Namespace) -> None:
                                   progress=not args.quiet)
     else:
         model_options = {"channels": args.channels, "layers": args.layers, "attention_layers": args.attention_layers,
-                         "position_template": args.position_template, "position_dropout": args.position_dropout}
+                         "position_template": args.position_template, "position_dropout": args.position_dropout,
+                         "outline_modes": args.outline_modes}
         prior_config = api.default_prior_config(
             args.run, args.data, conditional=not args.unconditional, position_logits=not args.no_position_logits,
             **{name: value for name, value in model_options.items() if value is not None})

@@ -27,6 +27,9 @@ Conditioning (none of it depends on the codes, so causality holds):
 - with `context_codebook_size` > 0, a coarser code grid [B, Gc, Gc] (the top level of a two-level VQ-VAE-2, say):
   its codes are embedded, upsampled by nearest neighbour (each covers a (G/Gc)^2 square) and added to the
   learnt location map, so the context enters each layer's bias exactly where the location does;
+- with `outline_modes` > 0, the context is the slice's outline [B, G, G] (1 inside the brain, 0 outside), one
+  cell per code, and the prior owns the outline model (models/outline.py) that draws new ones: sampling draws
+  the outline first and the codes inside it, so the codes no longer make the outline as they come;
 - with `position_template` > 0, each layer's bias also says what the slice position leads one to expect around
   each place, below and to the right included: the code probabilities of the position logits, averaged over
   squares to a `position_template`^2 grid, are read by a small convolutional network that looks every way (they
@@ -53,6 +56,7 @@ from torch import nn
 from brainvq.config import PixelCNNConfig
 from brainvq.errors import ConfigError
 from brainvq.models.attention import BlockAttention
+from brainvq.models.outline import OutlineModel
 
 # The slice position of a grid shown without one: a prior trained with `position_dropout` > 0 has a row for it in
 # each per-position table, and its output for it is the unconditional model that classifier-free guidance needs.
@@ -164,8 +168,11 @@ class GatedPixelCNN(nn.Module):
         self.location = nn.Parameter(torch.randn(location_channels, size, size))
         self.location_projection = nn.Conv2d(location_channels, 2 * channels * self.config.layers, 1, bias=False)
         nn.init.zeros_(self.location_projection.weight)  # starts as no bias at all; learnt from there
-        if self.config.context_grid_size:  # only then: priors without a context keep their parameters
-            self.context_embedding = nn.Embedding(self.config.context_codebook_size, location_channels)
+        if self.config.context_side:  # only then: priors without a context keep their parameters
+            self.context_embedding = nn.Embedding(self.config.context_codes, location_channels)
+        if self.config.outline_modes:
+            self.outline = OutlineModel(self.config.positions if self.config.conditional else 1, size,
+                                        self.config.outline_modes)
         if self.config.position_template:  # only then: priors without a template keep their parameters
             self.template_reader = _template_reader(self.config.codebook_size, location_channels)
         map_size = self.config.position_map_size if self.config.conditional else 0
@@ -205,14 +212,15 @@ class GatedPixelCNN(nn.Module):
 
     def check_context(self, context: torch.Tensor | None, batch: int) -> None:
         """Refuse a context [B, Gc, Gc] int64 that this prior does not take, or lacks when it needs one."""
-        side, codes = self.config.context_grid_size, self.config.context_codebook_size
+        side, codes = self.config.context_side, self.config.context_codes
         if not side:
             if context is not None:
                 raise ConfigError("this prior has no context (context_grid_size = 0), but a context was given")
             return
         expected = (batch, side, side)
         if context is None:
-            raise ConfigError(f"this prior needs a context: code grids of shape {expected} (int64)")
+            what = "outlines" if self.config.outline_modes else "code grids"
+            raise ConfigError(f"this prior needs a context: {what} of shape {expected} (int64)")
         if tuple(context.shape) != expected or context.dtype != torch.int64:
             raise ConfigError(f"context is {context.dtype} of shape {tuple(context.shape)}, expected int64 of shape "
                               f"{expected}")
@@ -232,7 +240,7 @@ class GatedPixelCNN(nn.Module):
         if context is not None:
             # Nearest-neighbour upsampling by repetition: exact for any integer factor, where F.interpolate
             # computes source indices through a float scale.
-            scale = size // self.config.context_grid_size
+            scale = size // self.config.context_side
             embedded = self.context_embedding(context).movedim(-1, 1)  # [B, L, Gc, Gc]
             per_slice.append(embedded.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3))
         if self.config.position_template:
@@ -250,6 +258,24 @@ class GatedPixelCNN(nn.Module):
         probabilities = self.output_bias(positions, 1 if positions is None else len(positions)).softmax(dim=1)
         template = F.adaptive_avg_pool2d(probabilities, min(self.config.position_template, size))
         return F.interpolate(self.template_reader(template), size=(size, size), mode="nearest")
+
+    @torch.no_grad()
+    def fit_outlines(self, outlines: torch.Tensor, positions: torch.Tensor | None) -> None:
+        """Fit the outline model to the training outlines [N, G, G] int64 (1 inside the brain) at their slice
+        `positions` [N] int64 (None: unconditional)."""
+        if not self.config.outline_modes:
+            raise ConfigError("this prior has no outline model (outline_modes = 0)")
+        self.outline.fit(outlines, self._table_rows(positions, len(outlines), outlines.device))
+
+    def draw_outlines(self, positions: torch.Tensor | None, batch: int, generator: torch.Generator | None = None, *,
+                      temperature: float = 1.0) -> torch.Tensor:
+        """New outlines [B, G, G] int64 for `batch` slices at slice `positions` [B] int64 in 0..positions-1
+        (None: unconditional), drawn by the outline model with `generator` at `temperature` (OutlineModel.sample);
+        the context of `forward`."""
+        if not self.config.outline_modes:
+            raise ConfigError("this prior has no outline model (outline_modes = 0)")
+        return self.outline.sample(self._table_rows(positions, batch, torch.device("cpu")), generator,
+                                   temperature=temperature)
 
     def position_map(self, positions: torch.Tensor | None, batch: int) -> torch.Tensor:
         """What is added to the embedded codes: [B, C, G, G] ([1, C, G, G] of zeros without a map)."""
@@ -316,7 +342,8 @@ class GatedPixelCNN(nn.Module):
     def forward(self, codes: torch.Tensor, positions: torch.Tensor | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """codes [B, G, G] int64, positions [B] int64 or None, context [B, Gc, Gc] int64 (exactly when the prior
-        is configured with one) -> logits [B, K, G, G]."""
+        is configured with one; the slices' outlines [B, G, G] for a prior with `outline_modes`) -> logits
+        [B, K, G, G]."""
         if codes.shape[-1] != self.config.grid_size or codes.shape[-2] != self.config.grid_size:
             raise ConfigError(f"code grids are {tuple(codes.shape[-2:])}, this prior models "
                               f"{self.config.grid_size}x{self.config.grid_size}")

@@ -17,10 +17,13 @@ from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN
 from brainvq.runtime import autocast
 
 
-def code_dataset(*grids: CodeGrids) -> TensorDataset:
-    """The grids of one or more CodeGrids, in order. Items: (codes int64 [G, G], slice position int64)."""
-    return TensorDataset(torch.from_numpy(np.concatenate([part.codes for part in grids]).astype("int64")),
-                         torch.from_numpy(np.concatenate([part.slice_indices for part in grids])))
+def code_dataset(*grids: CodeGrids, outlines: bool = False) -> TensorDataset:
+    """The grids of one or more CodeGrids, in order. Items: (codes int64 [G, G], slice position int64), and with
+    `outlines` (for a prior with an outline model) the slice's outline int64 [G, G] as the context."""
+    def joined(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([getattr(part, name) for part in grids]).astype("int64"))
+
+    return TensorDataset(joined("codes"), joined("slice_indices"), *([joined("outlines")] if outlines else []))
 
 
 def prior_inputs(batch: Sequence[torch.Tensor],
@@ -42,11 +45,13 @@ def drop_positions(positions: torch.Tensor, share: float) -> torch.Tensor:
 
 def new_prior(config: PixelCNNConfig, train_set: TensorDataset) -> GatedPixelCNN:
     """A prior to train on `train_set` (items as `code_dataset` makes them): its position logits, if it has any,
-    set from those grids' code frequencies."""
+    set from those grids' code frequencies, and its outline model, if it has one, fitted to their outlines."""
     model = GatedPixelCNN(config)
+    codes, positions = train_set.tensors[:2]
     if config.position_logits:
-        codes, positions = train_set.tensors[:2]
         model.init_position_logits(codes, positions)
+    if config.outline_modes:
+        model.fit_outlines(train_set.tensors[2], positions)
     return model
 
 
