@@ -109,7 +109,6 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
     channels, reach, depth = model.config.channels, model.reach, len(model.layers)
     model.check_context(context, batch)
     conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]
-    locations = model.location_maps(context, positions)  # [layers, (B,) 2C, G, G]
     position_map = model.position_map(positions, batch)  # [B or 1, C, G, G]
     output_bias = model.output_bias(positions, batch)  # [B or 1, K, G, G]
     codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
@@ -135,8 +134,9 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
         v, first_link = model.first_vertical_step(embedded[:, :, row:row + reach])  # [B, C, 1, G]
         vertical[0][:, :, row + reach, reach:reach + size] = v[:, :, 0]
         links, biases = [], []
+        locations = model.location_maps(context, positions, rows=slice(row, row + 1))  # [layers, (B,) 2C, 1, G]
         for index, layer in enumerate(model.layers):
-            bias = layer_bias(conditioning[index], locations[index][..., row:row + 1, :], v.dtype)  # [B, 2C, 1, G]
+            bias = layer_bias(conditioning[index], locations[index], v.dtype)  # [B, 2C, 1, G]
             v, link = layer.vertical_step(vertical[index][:, :, row:row + reach + 1], bias)
             links.append(link)
             biases.append(bias)

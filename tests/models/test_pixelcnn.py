@@ -262,6 +262,23 @@ def test_the_context_changes_the_logits_where_its_code_changes():
         assert torch.equal((maps != model.location_maps(changed)).any(dim=(0, 1, 2)), square)
 
 
+@pytest.mark.parametrize("options", [{"context_codebook_size": 3, "context_grid_size": 4}, {"outline_modes": 2},
+                                     {"position_template": 4}, {}])
+def test_the_location_maps_of_some_rows_are_those_rows_of_the_whole_maps(options):
+    torch.manual_seed(0)
+    model = GatedPixelCNN(PixelCNNConfig(codebook_size=5, channels=8, layers=2, grid_size=8, positions=4,
+                                         attention_layers=0, **options))
+    torch.nn.init.normal_(model.location_projection.weight)
+    side = model.config.context_side
+    context = torch.randint(0, model.config.context_codes, (3, side, side)) if side else None
+    positions = torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        whole = model.location_maps(context, positions)
+        for rows in (slice(0, 1), slice(3, 4), slice(5, 8), slice(7, 8)):
+            torch.testing.assert_close(model.location_maps(context, positions, rows=rows), whole[..., rows, :],
+                                       rtol=0, atol=1e-6)
+
+
 def test_a_prior_without_context_has_no_context_parameters_and_contexts_are_checked():
     plain = GatedPixelCNN(PixelCNNConfig(codebook_size=5, channels=8, layers=2, grid_size=8))
     assert not hasattr(plain, "context_embedding")

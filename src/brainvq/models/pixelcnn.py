@@ -227,28 +227,33 @@ class GatedPixelCNN(nn.Module):
         if context.numel() and (context.min() < 0 or context.max() >= codes):
             raise ConfigError(f"context codes must be in 0..{codes - 1}")
 
-    def location_maps(self, context: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-layer location biases: [layers, 2C, G, G] when they are the same for every slice (zeros when
-        location_channels is 0); [layers, B, 2C, G, G] with a context [B, Gc, Gc] int64 (see `check_context`) or
-        a position template (for the slice `positions` [B], as in `forward`)."""
+    def location_maps(self, context: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                      rows: slice = slice(None)) -> torch.Tensor:
+        """Per-layer location biases of the grid rows `rows` (R of them; all G by default): [layers, 2C, R, G]
+        when they are the same for every slice (zeros when location_channels is 0); [layers, B, 2C, R, G] with a
+        context [B, Gc, Gc] int64 (see `check_context`) or a position template (for the slice `positions` [B], as
+        in `forward`). Fast sampling asks for one row at a time: per slice, all rows at once would hold
+        layers x B x 2C x G x G numbers (2.7 GB for 256 slices of the default prior)."""
         size, layers = self.config.grid_size, self.config.layers
+        start, stop, _ = rows.indices(size)
         if self.config.location_channels == 0:  # validate() allows no context or template then
-            return torch.zeros(layers, 2 * self.config.channels, size, size, device=self.location.device)
-        location = self.location.unsqueeze(0)  # [1, L, G, G]
-        per_slice = []  # what each slice adds to the location map: [B or 1, L, G, G] each
+            return torch.zeros(layers, 2 * self.config.channels, stop - start, size, device=self.location.device)
+        location = self.location[:, start:stop].unsqueeze(0)  # [1, L, R, G]
+        per_slice = []  # what each slice adds to the location map: [B or 1, L, R, G] each
         if context is not None:
             # Nearest-neighbour upsampling by repetition: exact for any integer factor, where F.interpolate
-            # computes source indices through a float scale.
+            # computes source indices through a float scale. Only the context rows that cover `rows` are read.
             scale = size // self.config.context_side
-            embedded = self.context_embedding(context).movedim(-1, 1)  # [B, L, Gc, Gc]
-            per_slice.append(embedded.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3))
+            first = start // scale
+            embedded = self.context_embedding(context[:, first:-(-stop // scale)]).movedim(-1, 1)  # [B, L, r, Gc]
+            grown = embedded.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+            per_slice.append(grown[:, :, start - first * scale:stop - first * scale])
         if self.config.position_template:
-            per_slice.append(self.position_template(positions))
+            per_slice.append(self.position_template(positions)[:, :, start:stop])
         if not per_slice:
-            return self.location_projection(location).view(layers, -1, size, size)
-        maps = self.location_projection(location + sum(per_slice))  # [B, layers * 2C, G, G]
-        return maps.view(maps.shape[0], layers, -1, size, size).transpose(0, 1)
+            return self.location_projection(location).view(layers, -1, stop - start, size)
+        maps = self.location_projection(location + sum(per_slice))  # [B, layers * 2C, R, G]
+        return maps.view(maps.shape[0], layers, -1, stop - start, size).transpose(0, 1)
 
     def position_template(self, positions: torch.Tensor | None) -> torch.Tensor:
         """What each slice's position leads one to expect around each place: the position logits' code
