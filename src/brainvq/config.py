@@ -255,11 +255,11 @@ VQVAE_MIRROR = False
 
 
 # Modes of the outline model a run's prior gets where none is said (models/outline.py; 0: none, the codes make the
-# outline as they come). On the default demo's VQ-VAE and codes, at its prior minutes, the outline model (8 modes,
-# drawn at the sampling temperature) left no malformed outline among the 26 middle and upper slices of the 32 in
-# samples_grid.png, where the prior without it had 6 malformed and 2 borderline; position error 1.93 against 2.59
-# (real 2.53), C2ST against reconstructions 0.642 against 0.645, Fréchet distance 41.3 against 28.4 (real 23.5);
-# each step costs ~15% more (benchmarks/RESULTS.md, "an outline model").
+# outline as they come). In the default demo the outline model (8 modes, drawn at the sampling temperature) left 3
+# malformed slices of the 32 in samples_grid.png, all at the lowest positions, where the demo before it had 6 over
+# all positions; position error 2.16 against 2.59 (real 2.53), C2ST against reconstructions 0.623 against 0.645,
+# but Fréchet distance 61.6 against 28.4 (real 23.5); each step costs ~15-20% more (benchmarks/RESULTS.md, "an
+# outline model").
 PRIOR_OUTLINE_MODES = 8
 
 
