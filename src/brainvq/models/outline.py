@@ -4,13 +4,15 @@ An outline is a grid [G, G] (the code grid's size) of 1 inside the brain and 0 o
 model keeps the mean signed distance map of the training outlines (distance to the outline, negative inside) and
 its `modes` principal modes of variation, each scaled by its standard deviation: a point distribution model
 (Cootes et al. 1995) on signed distance maps (Leventon et al. 2000). A new outline is where
-mean + sum_i z_i mode_i < 0, z ~ N(0, 1). Signed distances rather than the masks themselves, because an average
-of masks that are shifted against each other is a double edge (a ring of half-brain), while an average of their
-distance maps is one smooth outline between them.
+mean + sum_i z_i mode_i < 0, z ~ N(0, T^2) at temperature T. Signed distances rather than the masks themselves,
+because an average of masks that are shifted against each other is a double edge (a ring of half-brain), while an
+average of their distance maps is one smooth outline between them.
 
 Why a separate model for the outline: a PixelCNN draws a slice's outline code by code, row by row, and one
-unlucky code on the edge becomes a bite, a spur or a wedge that later rows cannot undo (README, "Prior designs").
-A shape model with a handful of modes draws the whole outline at once and cannot make those.
+unlucky code on the edge becomes a bite, a spur or a wedge that later rows cannot undo (README, "Generation"). A
+shape model with a handful of smooth modes draws the whole outline at once; in the default demo that left
+malformed outlines only at the lowest slice positions, whose real outlines vary most (benchmarks/RESULTS.md, "an
+outline model").
 """
 
 from __future__ import annotations
