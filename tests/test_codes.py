@@ -52,8 +52,9 @@ def test_the_grids_of_mirrored_slices_are_cached_apart_from_the_others(tiny_coho
     (run / BEST_CHECKPOINT).write_bytes(b"the checkpoint")
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(downsample=8, channels=32, code_dim=16))
-    plain = code_grids(run, tiny_cohort, "train", model, device=CPU, precision="fp32")
-    mirrored = code_grids(run, tiny_cohort, "train", model, device=CPU, precision="fp32", mirrored=True)
+    plain = code_grids(run, tiny_cohort, "train", model, device=CPU, precision="fp32", outlines=True)
+    mirrored = code_grids(run, tiny_cohort, "train", model, device=CPU, precision="fp32", mirrored=True,
+                          outlines=True)
     slices = load_split(tiny_cohort, "train")
     expected = encode_dataset(model, SliceDataset(slices, mirrored=True), device=CPU, precision="fp32")
     np.testing.assert_array_equal(mirrored.codes, expected)
@@ -66,6 +67,7 @@ def test_the_grids_of_mirrored_slices_are_cached_apart_from_the_others(tiny_coho
         np.testing.assert_array_equal(again.codes, grids.codes)
     np.testing.assert_array_equal(plain.outlines, slice_outlines(slices.images, 32))
     np.testing.assert_array_equal(mirrored.outlines, plain.outlines[:, :, ::-1])
+    assert code_grids(run, tiny_cohort, "train", model, device=CPU, precision="fp32").outlines is None
 
 
 def test_an_outline_takes_every_code_with_any_brain_pixel_and_fills_holes():

@@ -189,10 +189,10 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
                           f"{prior_config.positions}", data_dir)
     with process_group(train_config.device) as device:
         # Rank 0 encodes and caches the code grids; the others then read its cache.
-        grids = _all_code_grids(run_dir, data_dir, train_config) if is_main() else None
-        barrier()
-        grids = grids or _all_code_grids(run_dir, data_dir, train_config)
         outlines = prior_config.outline_modes > 0
+        grids = _all_code_grids(run_dir, data_dir, train_config, outlines=outlines) if is_main() else None
+        barrier()
+        grids = grids or _all_code_grids(run_dir, data_dir, train_config, outlines=outlines)
         train_set = code_dataset(grids["train"], *([grids["train_mirrored"]] if train_config.mirror else []),
                                  outlines=outlines)
         seed_everything(train_config.seed)
@@ -261,15 +261,17 @@ def _with_model_defaults(train_config: TrainConfig, model_class: type) -> TrainC
     return dataclasses.replace(train_config, batch_size=batch_size, mirror=mirror)
 
 
-def _all_code_grids(run_dir: Path, data_dir: Path, train_config: TrainConfig) -> dict[str, CodeGrids]:
-    """The code grids a prior trains with: of each split, and ("train_mirrored") of the mirrored training slices
-    when it trains on those too."""
+def _all_code_grids(run_dir: Path, data_dir: Path, train_config: TrainConfig, *,
+                    outlines: bool) -> dict[str, CodeGrids]:
+    """The code grids a prior trains with (with the slices' `outlines` for a prior with an outline model): of
+    each split, and ("train_mirrored") of the mirrored training slices when it trains on those too."""
     vqvae, _, device, precision = _ready_vqvae(run_dir, train_config.device, train_config.precision)
-    grids = {split: code_grids(run_dir, data_dir, split, vqvae, device=device, precision=precision)
+    grids = {split: code_grids(run_dir, data_dir, split, vqvae, device=device, precision=precision,
+                               outlines=outlines)
              for split in ("train", "validate", "test")}
     if train_config.mirror:
         grids["train_mirrored"] = code_grids(run_dir, data_dir, "train", vqvae, device=device, precision=precision,
-                                             mirrored=True)
+                                             mirrored=True, outlines=outlines)
     return grids
 
 

@@ -36,13 +36,13 @@ from brainvq.runtime import autocast
 @dataclass
 class CodeGrids:
     """Code grids of one split: `codes` uint8 [N, G, G], `slice_indices` int64 [N], `case_ids` N strings, and
-    the slices' `outlines` uint8 [N, G, G] (`slice_outlines`)."""
+    the slices' `outlines` uint8 [N, G, G] (`slice_outlines`) where they were asked for, else None."""
 
     codes: np.ndarray
     slice_indices: np.ndarray
     case_ids: list[str]
     split: str
-    outlines: np.ndarray
+    outlines: np.ndarray | None = None
 
 
 def slice_outlines(images: np.ndarray, grid_size: int, *, mirrored: bool = False, batch: int = 256) -> np.ndarray:
@@ -76,25 +76,26 @@ def encode_dataset(model: VQVAE, dataset: SliceDataset, *, device: torch.device,
 
 
 def code_grids(run_dir: Path, data_dir: str | Path, split: str, model: VQVAE, *, device: torch.device,
-               precision: str, mirrored: bool = False) -> CodeGrids:
+               precision: str, mirrored: bool = False, outlines: bool = False) -> CodeGrids:
     """The cached code grids of `split` (with `mirrored`: of its slices mirrored left-right, cached apart), (re)made
-    if missing or stale."""
+    if missing or stale; with `outlines`, the slices' outlines too (seconds for a few thousand slices, so only for
+    a prior that uses them)."""
     slices = load_split(data_dir, split)
     folder = Path(run_dir) / CODES_FOLDER
     name = f"{split}_mirrored" if mirrored else split
     codes_path, index_path = folder / f"{name}.npy", folder / f"{name}.json"
     made_by = {"checkpoint_sha256": _sha256(Path(run_dir) / BEST_CHECKPOINT), "slices_key": slices.key}
-    outlines = slice_outlines(slices.images, model.config.grid_size, mirrored=mirrored)
+    made_outlines = slice_outlines(slices.images, model.config.grid_size, mirrored=mirrored) if outlines else None
     cached = _read_cache(codes_path, index_path, made_by, len(slices.files))
     if cached is not None:
-        return CodeGrids(*cached, split, outlines)
+        return CodeGrids(*cached, split, made_outlines)
     remove_stale_temporaries(folder)  # of a remake cut short by a kill
     codes = encode_dataset(model, SliceDataset(slices, mirrored=mirrored), device=device, precision=precision)
     with atomic_path(codes_path) as temporary, open(temporary, "wb") as handle:
         np.save(handle, codes)
     index = {"made_by": made_by, "case_ids": slices.case_ids, "slice_indices": slices.slice_indices.tolist()}
     atomic_write_bytes(index_path, json.dumps(index).encode())  # written last: it vouches for the .npy
-    return CodeGrids(codes, slices.slice_indices.astype(np.int64), list(slices.case_ids), split, outlines)
+    return CodeGrids(codes, slices.slice_indices.astype(np.int64), list(slices.case_ids), split, made_outlines)
 
 
 def _read_cache(codes_path: Path, index_path: Path, made_by: dict[str, Any],
