@@ -80,17 +80,25 @@ def test_the_prior_trains_on_the_grids_of_the_training_slices_and_of_their_mirro
     assert history[0]["step"] == 2 * 64 // QUICK["batch_size"]  # an epoch: 64 training grids and their mirrors
 
 
-def test_the_prior_starts_from_the_code_frequencies_of_its_training_grids(trained_run):
+def test_the_prior_starts_from_the_code_frequencies_of_its_training_grids(trained_run, tiny_cohort):
     codes = np.concatenate([np.load(trained_run / "codes" / f"{name}.npy") for name in ("train", "train_mirrored")])
     codes = codes.astype(np.int64)
     positions = np.array(json.loads((trained_run / "codes" / "train.json").read_text())["slice_indices"] * 2)
+    train = load_split(tiny_cohort, "train")
+    outlines = np.concatenate([slice_outlines(train.images, 32, mirrored=mirrored) for mirrored in (False, True)])
+    # The default prior's logits are framed by the outline: in the grid's frame they count the codes outside
+    # the outlines; a place no grid of a position has outside counts as that position's codes outside, pooled.
     counts = np.zeros((32, 32, 32, 32))  # [position, code, row, column]
     rows, columns = np.indices(codes.shape[1:])
-    for grid, position in zip(codes, positions, strict=True):
-        np.add.at(counts[position], (grid, rows, columns), 1)
+    for grid, outline, position in zip(codes, outlines, positions, strict=True):
+        np.add.at(counts[position], (grid, rows, columns), outline == 0)
+    pooled = counts.sum(axis=(2, 3), keepdims=True)
+    unseen = counts.sum(axis=1, keepdims=True) == 0
+    counts += unseen * pooled / np.maximum(pooled.sum(axis=1, keepdims=True), 1)
     smoothed = counts + POSITION_LOGIT_SMOOTHING
     initial = torch.from_numpy(np.log(smoothed / smoothed.sum(axis=1, keepdims=True))).float()
     prior, _ = api.load_prior(trained_run)
+    assert prior.config.framed_logits and prior.outline_logits.shape == prior.position_logits.shape
     # 16 training steps at a rate of at most 5e-3 move each logit by ~0.08 at most; the initial logits span
     # several nats (a code seen at every grid of a place against codes never seen there).
     assert float(initial.max() - initial.min()) > 3

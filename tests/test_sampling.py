@@ -10,22 +10,25 @@ from brainvq.sampling import choose_codes, draw_uniforms, guided_logits, sample_
 
 def trained_looking_model(conditional: bool = True, grid_size: int = 8, attention_layers: int = 2,
                           attention_block: int = 2, context_grid_size: int = 0,
-                          position_template: int = 0) -> GatedPixelCNN:
+                          position_template: int = 0, outline_modes: int = 0) -> GatedPixelCNN:
     """Random weights scaled up so that logits are far from uniform, as after training; zero-initialised parts
     (conditioning, location projection, position maps and logits, the head's output, attention output) made
     non-zero so that they count.
-    With `context_grid_size`, the prior is conditioned on a context grid of that side and 3 codes."""
+    With `context_grid_size`, the prior is conditioned on a context grid of that side and 3 codes; with
+    `outline_modes`, on an outline, with its position logits framed by the outline's box."""
     torch.manual_seed(0)
     config = PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional, grid_size=grid_size,
                             attention_layers=attention_layers, attention_block=attention_block,
                             context_codebook_size=3 if context_grid_size else 0, context_grid_size=context_grid_size,
-                            position_template=position_template, position_dropout=0.1)
+                            position_template=position_template, position_dropout=0.1, outline_modes=outline_modes)
     model = GatedPixelCNN(config).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.conditioning.weight)
         torch.nn.init.normal_(model.location_projection.weight, std=0.3)
         torch.nn.init.normal_(model.position_maps)
         torch.nn.init.normal_(model.position_logits, std=0.3)
+        if outline_modes:
+            torch.nn.init.normal_(model.outline_logits, std=0.3)
         torch.nn.init.normal_(model.head[-1].weight, std=0.3)
         for block in model.attention.values():
             for parameter in (block.output.weight, block.token_place, block.nothing_yet):
@@ -130,6 +133,23 @@ def test_fast_sampling_gives_exactly_the_naive_code_grids_with_a_context():
     fast = sample_fast(model, uniforms, positions, context=context)
     assert torch.equal(fast, naive)
     assert len(naive.unique()) > 1
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_fast_sampling_gives_exactly_the_naive_code_grids_with_an_outline_framing_the_position_logits(guidance):
+    model = trained_looking_model(attention_layers=1, outline_modes=2, position_template=4)
+    assert model.config.framed_logits
+    uniforms = draw_uniforms(3, 8, torch.Generator().manual_seed(1))
+    positions = torch.tensor([0, 9, 20])
+    outlines = torch.zeros(3, 8, 8, dtype=torch.int64)
+    for outline, (top, left, side) in zip(outlines, [(1, 1, 5), (2, 3, 4), (0, 0, 8)], strict=True):
+        outline[top:top + side, left:left + side] = 1
+    naive = sample_naive(model, uniforms, positions, context=outlines, guidance=guidance)
+    fast = sample_fast(model, uniforms, positions, context=outlines, guidance=guidance)
+    assert torch.equal(fast, naive)
+    assert len(naive.unique()) > 1
+    moved = outlines.roll(1, dims=2)  # the same outlines one column to the right: other logits, other codes
+    assert not torch.equal(sample_fast(model, uniforms, positions, context=moved, guidance=guidance), fast)
 
 
 def test_samples_depend_on_the_context():

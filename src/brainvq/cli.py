@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--outline-modes", type=non_negative_int, metavar="MODES",
                        help="modes of the shape model that draws each slice's outline before the codes inside it "
                             f"(default {PRIOR_OUTLINE_MODES}; 0: none, the codes make the outline as they come)")
+    prior.add_argument("--no-outline-frame", action="store_true",
+                       help="read the position logits in the grid's own frame inside the outline too, not placed "
+                            "by the outline's box (the design before 2026-12-02 afternoon)")
     prior.set_defaults(handler=run_train_prior)
 
     sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder "
@@ -403,6 +406,7 @@ def run_train_prior(args: argparse.Namespace) -> None:
                          "outline_modes": args.outline_modes}
         prior_config = api.default_prior_config(
             args.run, args.data, conditional=not args.unconditional, position_logits=not args.no_position_logits,
+            outline_frame=not args.no_outline_frame,
             **{name: value for name, value in model_options.items() if value is not None})
         results = api.train_prior(args.run, data_dir=args.data, prior_config=prior_config,
                                   train_config=TrainConfig(**given), progress=not args.quiet)

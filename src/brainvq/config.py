@@ -170,6 +170,11 @@ class PixelCNNConfig:
     # codes, which are then drawn inside it (the outline is the prior's context; 0: no outline model, the codes
     # make the outline as they come). Off for a bare network; a run's prior gets PRIOR_OUTLINE_MODES.
     outline_modes: int = 0
+    # With an outline model and position logits: inside the slice's outline, the position logits are read in the
+    # frame of the outline's box (models/outline.py, `box_frame`), so the anatomy a position leads one to expect
+    # sits where it does relative to the brain's extent, whatever the slice's shift and size; outside it, in the
+    # grid's own frame as before. Priors written before it existed read them in the grid's frame everywhere.
+    outline_frame: bool = field(default=True, metadata={ABSENT_MEANS: False})
 
     def validate(self) -> None:
         # Upper bounds too: a tampered prior/config.json must not make the constructor allocate gigabytes.
@@ -209,6 +214,11 @@ class PixelCNNConfig:
             # The template is read from the position logits and enters where the location map does.
             raise ConfigError("a position template (position_template > 0) needs position_logits and "
                               "location_channels > 0")
+
+    @property
+    def framed_logits(self) -> bool:
+        """Whether the position logits inside the outline are read in the outline's box frame (`outline_frame`)."""
+        return self.outline_frame and self.outline_modes > 0 and self.position_logits
 
     @property
     def context_side(self) -> int:

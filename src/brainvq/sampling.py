@@ -110,7 +110,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
     model.check_context(context, batch)
     conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]
     position_map = model.position_map(positions, batch)  # [B or 1, C, G, G]
-    output_bias = model.output_bias(positions, batch)  # [B or 1, K, G, G]
+    output_bias = model.output_bias(positions, batch, context)  # [B or 1, K, G, G]
     codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
     # Embedded codes and each layer's vertical-stack input, zero-padded `reach` above and on both sides,
     # exactly as the full forward pass pads them; row r of the grid is row r + reach of these buffers.

@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
 from brainvq.config import PixelCNNConfig
 from brainvq.errors import ConfigError
-from brainvq.models.outline import OutlineModel, signed_distance
+from brainvq.models.outline import BOX_SPAN, OutlineModel, box_frame, from_box_frame, into_box_frame, signed_distance
 from brainvq.models.pixelcnn import GatedPixelCNN
 
 
@@ -23,6 +25,71 @@ def test_signed_distance_is_negative_inside_positive_outside_and_counts_cells_to
     assert ((distance < 0) == square[0].bool()).all()
     empty, full = signed_distance(torch.stack([torch.zeros(9, 9), torch.ones(9, 9)]))
     assert (empty == 9).all() and (full == -9).all()
+
+
+def boxes(corners: list[tuple[int, int, int]], size: int = 16) -> torch.Tensor:
+    """Square outlines (top row, left column, side) -> int64 [N, size, size], 1 inside."""
+    outlines = torch.zeros(len(corners), size, size, dtype=torch.int64)
+    for outline, (top, left, side) in zip(outlines, corners, strict=True):
+        outline[top:top + side, left:left + side] = 1
+    return outlines
+
+
+def test_the_box_frame_maps_each_outlines_box_onto_the_same_square_and_back():
+    outlines = boxes([(2, 1, 4), (5, 6, 8), (0, 0, 0)])  # the last is empty
+    frames = box_frame(outlines)
+    # Cell i of a 16-cell axis sits at (2i + 1) / 16 - 1; the box's outer edges land on -BOX_SPAN and BOX_SPAN.
+    for frame, (top, left, side) in zip(frames[:2], [(2, 1, 4), (5, 6, 8)], strict=True):
+        for axis, first in ((0, left), (1, top)):
+            edges = torch.tensor([2 * first / 16 - 1, 2 * (first + side) / 16 - 1])
+            torch.testing.assert_close(frame[axis, axis] * edges + frame[axis, 2], torch.tensor([-BOX_SPAN, BOX_SPAN]))
+    assert torch.equal(frames[2], torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))  # an empty outline: its own grid
+    # A map that is linear over the grid comes back from the frame unchanged inside each box.
+    ramp = torch.arange(256.0).view(1, 1, 16, 16).expand(3, 2, 16, 16)
+    back = from_box_frame(into_box_frame(ramp, outlines), outlines)
+    inside = outlines[:, None].expand_as(ramp).bool()
+    torch.testing.assert_close(back[inside], ramp[inside])
+    # Both boxes fill the same part of their frames: all of it within 0.55 of the middle (cells 3..12), little of
+    # the outermost cells (beyond 0.9; only bilinear interpolation reaches there from the box's edge).
+    framed = into_box_frame(outlines[:2, None].float(), outlines[:2])[:, 0]
+    assert (framed[:, 3:13, 3:13] > 0.99).all()
+    assert (framed[:, [0, -1]] < 0.2).all() and (framed[:, :, [0, -1]] < 0.2).all()
+
+
+def test_framed_position_logits_place_a_positions_anatomy_by_the_drawn_outlines_box():
+    # Two training grids of one position: the same "anatomy" (code 1 in the top half of the brain, code 2 in the
+    # bottom half, code 0 outside) at different places and sizes.
+    outlines = boxes([(1, 1, 6), (6, 4, 10)])
+    codes = outlines.clone()
+    for grid, (top, side) in zip(codes, [(1, 6), (6, 10)], strict=True):
+        grid[top + side // 2:top + side] *= 2
+    config = PixelCNNConfig(codebook_size=3, channels=8, layers=1, grid_size=16, positions=1, attention_layers=0,
+                            outline_modes=1)
+    model = GatedPixelCNN(config)
+    model.init_position_logits(codes, torch.zeros(2, dtype=torch.int64), outlines)
+    new = boxes([(4, 6, 8)])  # a box at a third place and size
+    with torch.no_grad():  # the head starts at zero: the output is the position logits alone
+        likeliest = model(torch.zeros(1, 16, 16, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), new).argmax(1)
+    expected = new[0].clone()
+    expected[8:12] *= 2
+    inside = new[0].bool()
+    assert torch.equal(likeliest[0][inside], expected[inside])
+    # Outside the outline: background, even where a training grid had brain. In the grid's own frame (without
+    # the outline frame) the two training grids blur into each other: not the anatomy of the new box, and brain
+    # outside it.
+    unframed = GatedPixelCNN(dataclasses.replace(config, outline_frame=False))
+    unframed.init_position_logits(codes, torch.zeros(2, dtype=torch.int64))
+    assert not hasattr(unframed, "outline_logits")
+    with torch.no_grad():
+        unframed_likeliest = unframed(codes[:1], torch.zeros(1, dtype=torch.int64), new).argmax(1)[0]
+    assert not torch.equal(unframed_likeliest[inside], expected[inside])
+    assert (likeliest[0][~inside] == 0).all() and (unframed_likeliest[~inside] != 0).any()
+    # Row 6, columns 4..6 lie inside both training outlines: outside an outline there, the position's codes outside
+    # its outlines (all background), not even odds.
+    assert (model.position_logits[0, :, 6, 4:7].argmax(dim=0) == 0).all()
+    assert model.position_logits[0, 0, 6, 4] > model.position_logits[0, 1, 6, 4] + 2
+    with pytest.raises(ConfigError, match="needs the outlines"):
+        model.init_position_logits(codes, torch.zeros(2, dtype=torch.int64))
 
 
 def test_drawn_outlines_are_whole_discs_within_the_range_of_the_training_ones_at_each_position():

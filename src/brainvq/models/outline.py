@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import binary_fill_holes, distance_transform_edt
 from torch import nn
+
+# Where an outline's box lies in its frame (see `box_frame`): from -BOX_SPAN to BOX_SPAN on both axes, so that the
+# frame keeps a margin around the brain for outlines that reach beyond the box of the slices it was learnt from.
+BOX_SPAN = 0.8
 
 
 def fill_holes(outlines: torch.Tensor) -> torch.Tensor:
@@ -43,6 +48,48 @@ def signed_distance(outlines: torch.Tensor) -> torch.Tensor:
         else:  # distance_transform_edt: each non-zero cell's distance to the nearest zero one
             distances.append(distance_transform_edt(~inside) - distance_transform_edt(inside))
     return torch.from_numpy(np.stack(distances)).float() if distances else torch.zeros(0, side, side)
+
+
+def box_frame(outlines: torch.Tensor, *, inverse: bool = False, span: float = BOX_SPAN) -> torch.Tensor:
+    """outlines [B, G, G] (non-zero inside) -> affine maps [B, 2, 3] from each outline's grid to its box frame (with
+    `inverse`, back), in F.affine_grid's coordinates (x along columns, y along rows, -1..1 across the grid's
+    cells). In the box frame the outline's bounding box spans -`span`..`span` on both axes, so a place of the frame
+    is a place relative to the brain's extent: the middle of the brain, a tenth of its height above its lowest
+    point, whatever the slice's shift and size. An empty outline's frame is its grid."""
+    side = outlines.shape[-1]
+    inside = outlines.bool()
+    cells = torch.arange(side, device=outlines.device, dtype=torch.float32)
+    maps = torch.zeros(len(outlines), 2, 3, device=outlines.device)
+    for axis, occupied in enumerate((inside.any(dim=1), inside.any(dim=2))):  # [B, G]: columns (x), then rows (y)
+        first = torch.where(occupied, cells, float(side)).amin(dim=1)
+        last = torch.where(occupied, cells, -1.0).amax(dim=1)
+        half = ((last - first + 1) / 2).clamp(min=0.5)
+        # Grid coordinate of cell i: (2i + 1) / G - 1; frame coordinate: span * (i - centre) / half.
+        scale = span * side / (2 * half)
+        offset = span * (side / 2 - 0.5 - (first + last) / 2) / half
+        empty = ~occupied.any(dim=1)
+        scale, offset = torch.where(empty, 1.0, scale), torch.where(empty, 0.0, offset)
+        maps[:, axis, axis] = 1 / scale if inverse else scale
+        maps[:, axis, 2] = -offset / scale if inverse else offset
+    return maps
+
+
+def into_box_frame(maps: torch.Tensor, outlines: torch.Tensor) -> torch.Tensor:
+    """maps [B, C, G, G] over each slice's grid -> the same over its outline's box frame (`box_frame`),
+    interpolated bilinearly; frame cells beyond the grid take its nearest edge."""
+    return _resampled(maps, box_frame(outlines, inverse=True))
+
+
+def from_box_frame(maps: torch.Tensor, outlines: torch.Tensor) -> torch.Tensor:
+    """maps [B, C, G, G] over each outline's box frame -> the same over the slice's grid (the inverse of
+    `into_box_frame`)."""
+    return _resampled(maps, box_frame(outlines))
+
+
+def _resampled(maps: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """maps [B, C, H, W] read at the places `affine` [B, 2, 3] sends each output cell to -> [B, C, H, W]."""
+    places = F.affine_grid(affine.to(maps.dtype), list(maps.shape), align_corners=False)
+    return F.grid_sample(maps, places, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class OutlineModel(nn.Module):

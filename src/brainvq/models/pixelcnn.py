@@ -29,7 +29,13 @@ Conditioning (none of it depends on the codes, so causality holds):
   learnt location map, so the context enters each layer's bias exactly where the location does;
 - with `outline_modes` > 0, the context is the slice's outline [B, G, G] (1 inside the brain, 0 outside), one
   cell per code, and the prior owns the outline model (models/outline.py) that draws new ones: sampling draws
-  the outline first and the codes inside it, so the codes no longer make the outline as they come;
+  the outline first and the codes inside it, so the codes no longer make the outline as they come. With
+  `outline_frame` too (`framed_logits`), the position logits inside the outline are read in the frame of the
+  outline's box: they start as the frequencies of the codes inside the training outlines at their places
+  relative to each brain's extent, so the anatomy of a position (the cerebellum at the back of a low slice,
+  the ventricles in the middle of a middle one) lands inside the drawn outline wherever it lies and whatever
+  its size; in the grid's frame, the training slices' differing shifts and sizes blur it. Outside the outline
+  they are the frequencies of the codes outside the training outlines;
 - with `position_template` > 0, each layer's bias also says what the slice position leads one to expect around
   each place, below and to the right included: the code probabilities of the position logits, averaged over
   squares to a `position_template`^2 grid, are read by a small convolutional network that looks every way (they
@@ -56,7 +62,7 @@ from torch import nn
 from brainvq.config import PixelCNNConfig
 from brainvq.errors import ConfigError
 from brainvq.models.attention import BlockAttention
-from brainvq.models.outline import OutlineModel
+from brainvq.models.outline import OutlineModel, from_box_frame, into_box_frame
 
 # The slice position of a grid shown without one: a prior trained with `position_dropout` > 0 has a row for it in
 # each per-position table, and its output for it is the unconditional model that classifier-free guidance needs.
@@ -181,6 +187,9 @@ class GatedPixelCNN(nn.Module):
                                   nn.Conv2d(channels, self.config.codebook_size, 1))
         logit_maps = conditions if self.config.position_logits else 0
         self.position_logits = nn.Parameter(torch.zeros(logit_maps, self.config.codebook_size, size, size))
+        if self.config.framed_logits:  # only then: other priors keep their parameters
+            # The position logits inside the outline, over the outline's box frame (see `output_bias`).
+            self.outline_logits = nn.Parameter(torch.zeros_like(self.position_logits))
         if self.config.position_logits:  # the output starts as the position logits alone (see the docstring)
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
@@ -249,18 +258,20 @@ class GatedPixelCNN(nn.Module):
             grown = embedded.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
             per_slice.append(grown[:, :, start - first * scale:stop - first * scale])
         if self.config.position_template:
-            per_slice.append(self.position_template(positions)[:, :, start:stop])
+            per_slice.append(self.position_template(positions, context)[:, :, start:stop])
         if not per_slice:
             return self.location_projection(location).view(layers, -1, stop - start, size)
         maps = self.location_projection(location + sum(per_slice))  # [B, layers * 2C, R, G]
         return maps.view(maps.shape[0], layers, -1, stop - start, size).transpose(0, 1)
 
-    def position_template(self, positions: torch.Tensor | None) -> torch.Tensor:
+    def position_template(self, positions: torch.Tensor | None, context: torch.Tensor | None = None) -> torch.Tensor:
         """What each slice's position leads one to expect around each place: the position logits' code
         probabilities [B, K, G, G], averaged over squares to [B, K, T, T] (T = position_template, at most G), read
-        by the template reader and upsampled back -> [B, L, G, G] ([1, L, G, G], row 0's, without `positions`)."""
+        by the template reader and upsampled back -> [B, L, G, G] ([1, L, G, G], row 0's, without `positions` or
+        `context`, the outlines [B, G, G] that frame a prior's position logits; see `output_bias`)."""
         size = self.config.grid_size
-        probabilities = self.output_bias(positions, 1 if positions is None else len(positions)).softmax(dim=1)
+        batch = len(positions) if positions is not None else len(context) if context is not None else 1
+        probabilities = self.output_bias(positions, batch, context).softmax(dim=1)
         template = F.adaptive_avg_pool2d(probabilities, min(self.config.position_template, size))
         return F.interpolate(self.template_reader(template), size=(size, size), mode="nearest")
 
@@ -292,37 +303,72 @@ class GatedPixelCNN(nn.Module):
 
     @torch.no_grad()
     def init_position_logits(self, codes: torch.Tensor, positions: torch.Tensor | None,
-                             smoothing: float = POSITION_LOGIT_SMOOTHING) -> None:
+                             outlines: torch.Tensor | None = None, smoothing: float = POSITION_LOGIT_SMOOTHING,
+                             batch: int = 256) -> None:
         """Set the position logits to the log-frequencies of the training code grids `codes` [N, G, G] int64
         at their slice `positions` [N] int64 (None: unconditional), each count plus `smoothing`, so that a code
         never seen at a place stays possible but unlikely there; the NO_POSITION row, if any, to their
-        mixture over the positions."""
+        mixture over the positions.
+
+        A prior whose logits are framed by the outline (`framed_logits`) needs the grids' `outlines` [N, G, G]
+        int64, and its output bias says what a code is given whether its place is inside the outline: the outline
+        logits count the codes inside each outline at their places in its box frame (in batches of `batch`
+        grids), the position logits the codes outside it at their places in the grid. A place that no training
+        grid of a position has outside its outline counts as that position's codes outside the outline, pooled
+        over the grid: a drawn outline may leave it out, and uniform odds there drew specks of brain beyond the
+        outline."""
         if not self.config.position_logits:
             raise ConfigError("this prior has no position logits (position_logits = false)")
+        if self.config.framed_logits and outlines is None:
+            raise ConfigError("this prior reads its position logits in the outline's frame: it needs the outlines")
         rows = self._table_rows(positions, len(codes), codes.device)
         size, codebook = self.config.grid_size, self.config.codebook_size
+        counted = torch.ones(codes.shape, dtype=torch.float64) if not self.config.framed_logits \
+            else (outlines == 0).double()  # the places each grid counts at in the grid's frame
         counts = torch.zeros(self.position_logits.shape[0] * size * size, codebook, dtype=torch.float64)
         places = rows[:, None, None] * size * size + torch.arange(size * size).view(1, size, size)
-        counts.index_put_((places.flatten(), codes.flatten()), torch.ones(codes.numel(), dtype=torch.float64),
-                          accumulate=True)
+        counts.index_put_((places.flatten(), codes.flatten()), counted.flatten(), accumulate=True)
+        counts = counts.view(-1, size, size, codebook).permute(0, 3, 1, 2)  # [rows, K, G, G]
+        if self.config.framed_logits:
+            pooled = counts.sum(dim=(2, 3), keepdim=True)
+            unseen = counts.sum(dim=1, keepdim=True) == 0
+            counts = counts + unseen * pooled / pooled.sum(dim=1, keepdim=True).clamp(min=1)
+        self.position_logits.copy_(self._log_frequencies(counts, rows, smoothing))
+        if not self.config.framed_logits:
+            return
+        framed = torch.zeros_like(counts)
+        for start in range(0, len(codes), batch):
+            part = slice(start, start + batch)
+            inside = F.one_hot(codes[part], codebook).movedim(-1, 1) * (outlines[part, None] > 0)
+            framed.index_add_(0, rows[part], into_box_frame(inside.float(), outlines[part]).double())
+        self.outline_logits.copy_(self._log_frequencies(framed, rows, smoothing))
+
+    def _log_frequencies(self, counts: torch.Tensor, rows: torch.Tensor, smoothing: float) -> torch.Tensor:
+        """Code counts [table rows, K, G, G] float64 of grids at table `rows` [N] -> log-frequencies of the same
+        shape in the position logits' dtype (see `init_position_logits`)."""
         frequencies = (counts + smoothing) / (counts + smoothing).sum(dim=1, keepdim=True)
         if self.has_no_position_row:
             # The mixture of the positions' frequencies, each weighted by its share of the grids. Not the
             # frequencies of the pooled counts: their smoothing would be ~positions times smaller beside the counts,
             # making the unconditional output surer than any conditional one (guidance then draws brain into the
             # background, where every position agrees).
-            per_row = frequencies.view(-1, size * size, codebook)
-            shares = torch.bincount(rows, minlength=len(per_row)).to(per_row) / len(rows)
-            per_row[-1] = torch.einsum("p,pgk->gk", shares[:-1], per_row[:-1])
-        logits = frequencies.log().view(-1, size, size, codebook).permute(0, 3, 1, 2)
-        self.position_logits.copy_(logits.to(self.position_logits))
+            shares = torch.bincount(rows, minlength=len(frequencies)).to(frequencies) / len(rows)
+            frequencies[-1] = torch.einsum("p,pkhw->khw", shares[:-1], frequencies[:-1])
+        return frequencies.log().to(self.position_logits)
 
-    def output_bias(self, positions: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """What is added to the head's output: [B, K, G, G] ([1, K, G, G] of zeros without position logits)."""
+    def output_bias(self, positions: torch.Tensor | None, batch: int,
+                    context: torch.Tensor | None = None) -> torch.Tensor:
+        """What is added to the head's output: [B, K, G, G] ([1, K, G, G] of zeros without position logits). A
+        prior whose logits are framed by the outline reads them inside the outline `context` [B, G, G] from its
+        outline logits, placed by the outline's box frame (models/outline.py)."""
         size = self.config.grid_size
         if not self.config.position_logits:
             return self.position_logits.new_zeros(1, self.config.codebook_size, size, size)
-        return self.position_logits[self._table_rows(positions, batch, self.position_logits.device)]
+        rows = self._table_rows(positions, batch, self.position_logits.device)
+        if not self.config.framed_logits:
+            return self.position_logits[rows]
+        framed = from_box_frame(self.outline_logits[rows], context)
+        return torch.where(context[:, None] > 0, framed, self.position_logits[rows])
 
     def logits(self, skip: torch.Tensor, output_bias: torch.Tensor) -> torch.Tensor:
         """The summed skip outputs [B, C, ...] and the matching slice of `output_bias` [B, K, ...] -> logits
@@ -365,4 +411,4 @@ class GatedPixelCNN(nn.Module):
                 h = self.attention[str(index)](h, x)
             v, h, contribution = layer(v, h, layer_bias(vector, location, v.dtype))
             skip = skip + contribution
-        return self.logits(skip, self.output_bias(positions, codes.shape[0]))
+        return self.logits(skip, self.output_bias(positions, codes.shape[0], context))

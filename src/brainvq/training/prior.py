@@ -48,10 +48,11 @@ def new_prior(config: PixelCNNConfig, train_set: TensorDataset) -> GatedPixelCNN
     set from those grids' code frequencies, and its outline model, if it has one, fitted to their outlines."""
     model = GatedPixelCNN(config)
     codes, positions = train_set.tensors[:2]
+    outlines = train_set.tensors[2] if config.outline_modes else None
     if config.position_logits:
-        model.init_position_logits(codes, positions)
-    if config.outline_modes:
-        model.fit_outlines(train_set.tensors[2], positions)
+        model.init_position_logits(codes, positions, outlines)
+    if outlines is not None:
+        model.fit_outlines(outlines, positions)
     return model
 
 
