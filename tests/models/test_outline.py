@@ -92,6 +92,20 @@ def test_framed_position_logits_place_a_positions_anatomy_by_the_drawn_outlines_
         model.init_position_logits(codes, torch.zeros(2, dtype=torch.int64))
 
 
+def test_framed_position_logits_are_the_same_whichever_batch_the_grids_are_counted_in():
+    outlines = boxes([(1, 1, 6), (6, 4, 10), (2, 3, 9)])
+    codes = outlines * torch.randint(1, 3, outlines.shape, generator=torch.Generator().manual_seed(0))
+    config = PixelCNNConfig(codebook_size=3, channels=8, layers=1, grid_size=16, positions=2, attention_layers=0,
+                            outline_modes=1)
+    positions = torch.tensor([0, 1, 0])
+    at_once, one_by_one = GatedPixelCNN(config), GatedPixelCNN(config)
+    at_once.init_position_logits(codes, positions, outlines)
+    one_by_one.init_position_logits(codes, positions, outlines, batch=1)
+    assert torch.equal(at_once.outline_logits, one_by_one.outline_logits)
+    assert torch.equal(at_once.position_logits, one_by_one.position_logits)
+    assert not torch.equal(at_once.outline_logits[0], at_once.outline_logits[1])  # counted per position
+
+
 def test_drawn_outlines_are_whole_discs_within_the_range_of_the_training_ones_at_each_position():
     radii = [6.0, 7.0, 8.0, 9.0, 10.0]
     outlines = torch.cat([discs(radii), discs([r / 2 for r in radii])])

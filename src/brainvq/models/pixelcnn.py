@@ -308,12 +308,12 @@ class GatedPixelCNN(nn.Module):
         """Set the position logits to the log-frequencies of the training code grids `codes` [N, G, G] int64
         at their slice `positions` [N] int64 (None: unconditional), each count plus `smoothing`, so that a code
         never seen at a place stays possible but unlikely there; the NO_POSITION row, if any, to their
-        mixture over the positions.
+        mixture over the positions. The grids are counted `batch` at a time.
 
         A prior whose logits are framed by the outline (`framed_logits`) needs the grids' `outlines` [N, G, G]
         int64, and its output bias says what a code is given whether its place is inside the outline: the outline
-        logits count the codes inside each outline at their places in its box frame (in batches of `batch`
-        grids), the position logits the codes outside it at their places in the grid. A place that no training
+        logits count the codes inside each outline at their places in its box frame, the position logits the
+        codes outside it at their places in the grid. A place that no training
         grid of a position has outside its outline counts as that position's codes outside the outline, pooled
         over the grid: a drawn outline may leave it out, and uniform odds there drew specks of brain beyond the
         outline."""
@@ -322,26 +322,35 @@ class GatedPixelCNN(nn.Module):
         if self.config.framed_logits and outlines is None:
             raise ConfigError("this prior reads its position logits in the outline's frame: it needs the outlines")
         rows = self._table_rows(positions, len(codes), codes.device)
-        size, codebook = self.config.grid_size, self.config.codebook_size
-        counted = torch.ones(codes.shape, dtype=torch.float64) if not self.config.framed_logits \
-            else (outlines == 0).double()  # the places each grid counts at in the grid's frame
-        counts = torch.zeros(self.position_logits.shape[0] * size * size, codebook, dtype=torch.float64)
-        places = rows[:, None, None] * size * size + torch.arange(size * size).view(1, size, size)
-        counts.index_put_((places.flatten(), codes.flatten()), counted.flatten(), accumulate=True)
-        counts = counts.view(-1, size, size, codebook).permute(0, 3, 1, 2)  # [rows, K, G, G]
-        if self.config.framed_logits:
+        framed = self.config.framed_logits
+        counted = (outlines == 0) if framed else torch.ones_like(codes, dtype=torch.bool)  # in the grid's frame
+        counts = self._code_counts(codes, rows, counted, batch=batch)
+        if framed:
             pooled = counts.sum(dim=(2, 3), keepdim=True)
             unseen = counts.sum(dim=1, keepdim=True) == 0
             counts = counts + unseen * pooled / pooled.sum(dim=1, keepdim=True).clamp(min=1)
         self.position_logits.copy_(self._log_frequencies(counts, rows, smoothing))
-        if not self.config.framed_logits:
-            return
-        framed = torch.zeros_like(counts)
+        if framed:
+            inside = self._code_counts(codes, rows, outlines > 0, framed_by=outlines, batch=batch)
+            self.outline_logits.copy_(self._log_frequencies(inside, rows, smoothing))
+
+    def _code_counts(self, codes: torch.Tensor, rows: torch.Tensor, counted: torch.Tensor, *,
+                     framed_by: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
+        """How often each code lies at each place in the grids `codes` [N, G, G] int64, summed per table row
+        (`rows` [N]), only where `counted` [N, G, G] bool: float64 [table rows, K, G, G]. With `framed_by`
+        (outlines [N, G, G] int64) each grid's places are those of its outline's box frame (`into_box_frame`,
+        so a count may spread over neighbouring places). In batches of `batch` grids: the one-hot maps of all of
+        them at once would take N x K x G x G numbers."""
+        size, codebook = self.config.grid_size, self.config.codebook_size
+        counts = torch.zeros(self.position_logits.shape[0], codebook, size, size, dtype=torch.float64)
         for start in range(0, len(codes), batch):
             part = slice(start, start + batch)
-            inside = F.one_hot(codes[part], codebook).movedim(-1, 1) * (outlines[part, None] > 0)
-            framed.index_add_(0, rows[part], into_box_frame(inside.float(), outlines[part]).double())
-        self.outline_logits.copy_(self._log_frequencies(framed, rows, smoothing))
+            grids, weights = codes[part, None].cpu(), counted[part, None].float().cpu()
+            maps = torch.zeros(len(grids), codebook, size, size).scatter_(1, grids, weights)  # weighted one-hot
+            if framed_by is not None:
+                maps = into_box_frame(maps, framed_by[part].cpu())
+            counts.index_add_(0, rows[part].cpu(), maps.double())
+        return counts
 
     def _log_frequencies(self, counts: torch.Tensor, rows: torch.Tensor, smoothing: float) -> torch.Tensor:
         """Code counts [table rows, K, G, G] float64 of grids at table `rows` [N] -> log-frequencies of the same
