@@ -70,3 +70,46 @@ def test_tf32_off_turns_tf32_off_inside_and_restores_the_settings_after():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
+def fresh_bf16_answer():
+    """`cpu_bf16_is_faster` remembers its answer per process: forget it before and after a test that fakes it."""
+    from brainvq import runtime
+
+    runtime.cpu_bf16_is_faster.cache_clear()
+    yield runtime
+    runtime.cpu_bf16_is_faster.cache_clear()
+
+
+def test_auto_precision_on_a_cpu_is_bf16_only_where_bf16_products_time_clearly_faster(monkeypatch, fresh_bf16_answer):
+    import torch
+
+    runtime = fresh_bf16_answer
+    seconds = {}
+    monkeypatch.setattr(runtime, "native_cpu_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "matmul_seconds", lambda dtype, **_: seconds[dtype])
+    cpu = torch.device("cpu")
+    # fp32 and bf16 seconds -> the choice: bf16 must be at least BF16_SPEED_MARGIN (1.25) x as fast.
+    for fp32, bf16, expected in ((2.0, 1.0, "bf16"), (1.25, 1.0, "bf16"), (1.2, 1.0, "fp32"), (1.0, 1.9, "fp32")):
+        seconds.update({torch.float32: fp32, torch.bfloat16: bf16})
+        runtime.cpu_bf16_is_faster.cache_clear()
+        assert runtime.resolve_precision("auto", cpu) == expected, (fp32, bf16)
+    assert runtime.resolve_precision("fp32", cpu) == "fp32" and runtime.resolve_precision("bf16", cpu) == "bf16"
+
+    monkeypatch.setattr(runtime, "native_cpu_bf16", lambda: False)  # emulated bf16: fp32, without timing anything
+    monkeypatch.setattr(runtime, "matmul_seconds", lambda *args, **kwargs: pytest.fail("timed emulated bf16"))
+    runtime.cpu_bf16_is_faster.cache_clear()
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+
+
+def test_timing_the_precisions_leaves_the_seeded_random_sequence_alone():
+    import torch
+
+    from brainvq.runtime import matmul_seconds
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert matmul_seconds(torch.bfloat16, size=16) > 0
+    assert torch.equal(torch.rand(4), expected)

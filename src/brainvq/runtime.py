@@ -1,11 +1,13 @@
 """Where and how tensors are computed: device choice, mixed precision, memory layout, compilation, the memory
 allocator and seeding.
 
-On a CPU with native bf16 instructions (AVX-512-BF16 or AMX) the fast path is bf16 autocast with channels_last
-tensors: about 2x fp32 NCHW, which is what its bf16:fp32 arithmetic ratio allows (benchmarks/RESULTS.md). On a
-CPU without them (most laptops, AVX2 servers) bf16 is emulated and was measured several times *slower* than
-fp32 (benchmarks/RESULTS.md), so `precision="auto"` (the default) picks fp32 there. On CUDA it is bf16 autocast
-with TF32 matmuls and torch.compile. fp32 stays available everywhere (`precision="fp32"`).
+On a CPU with native bf16 instructions (AVX-512-BF16 or AMX) the fast path is usually bf16 autocast with
+channels_last tensors: about 2x fp32 NCHW on an AMD EPYC, which is what its bf16:fp32 arithmetic ratio allows
+(benchmarks/RESULTS.md). Not on every such CPU: on an Intel Xeon with AVX-512-BF16 (no AMX exposed) the bf16
+training steps ran at 0.84-0.91x fp32's. On a CPU without them (most laptops, AVX2 servers) bf16 is emulated
+and was measured several times *slower* than fp32. So `precision="auto"` (the default) picks bf16 on a CPU only
+where short timed matrix products say it is clearly faster there (`cpu_bf16_is_faster`). On CUDA it is bf16
+autocast with TF32 matmuls and torch.compile. fp32 stays available everywhere (`precision="fp32"`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import random
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -83,14 +87,47 @@ def native_cpu_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# How much faster bf16 matrix products must run than fp32 ones in `cpu_bf16_is_faster` for "auto" to train in bf16
+# on a CPU. Measured ratios: 4.2x on a 2-core AMD EPYC with AVX-512-BF16 (its training steps 2x fp32's), 0.53x on
+# a 2-core Intel Xeon with AVX-512-BF16 but no AMX exposed (its steps 0.84-0.91x fp32's; benchmarks/RESULTS.md).
+# Far from both, so that the choice, and with it a seeded run's result, does not flip between runs on a machine.
+BF16_SPEED_MARGIN = 1.25
+
+
+def matmul_seconds(dtype: torch.dtype, *, size: int = 1024, repeats: int = 3) -> float:
+    """Seconds for `repeats` products of two [size, size] matrices in `dtype` (the convolutions of training run
+    on the same kernels, oneDNN's). Its own random generator: asking leaves the global seed's sequence as it was."""
+    matrix = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(matrix, matrix)
+    return time.perf_counter() - start
+
+
+@functools.cache
+def cpu_bf16_is_faster(rounds: int = 3) -> bool:
+    """Whether this CPU multiplies bf16 matrices at least BF16_SPEED_MARGIN x as fast as fp32 ones: the best of
+    `rounds` timed rounds each (after one to warm up), interleaved; a fraction of a second, once per process. A
+    CPU without native bf16 (`native_cpu_bf16`) is not timed: there bf16 is emulated, 14-16x slower than fp32."""
+    if not native_cpu_bf16():
+        return False
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    for round_ in range(rounds + 1):
+        for dtype in best:
+            seconds = matmul_seconds(dtype)
+            if round_:
+                best[dtype] = min(best[dtype], seconds)
+    return best[torch.float32] >= BF16_SPEED_MARGIN * best[torch.bfloat16]
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
-    """"auto" -> "bf16" where the hardware computes it natively (a bf16-capable GPU, a CPU with native bf16),
-    else "fp32"; "bf16" and "fp32" are kept as asked."""
+    """"auto" -> "bf16" on a bf16-capable GPU and on a CPU where bf16 is clearly faster than fp32
+    (`cpu_bf16_is_faster`), else "fp32"; "bf16" and "fp32" are kept as asked."""
     if name != "auto":
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and native_cpu_bf16() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_bf16_is_faster() else "fp32"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
