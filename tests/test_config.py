@@ -38,6 +38,16 @@ def test_a_prior_config_written_before_position_logits_describes_a_prior_without
     assert from_dict(PixelCNNConfig, values | {"position_logits": True}).position_logits
 
 
+def test_a_prior_config_written_before_the_outline_frame_and_background_describes_a_prior_without_them():
+    # Each key came with a tensor (the outline logits, the background codes) that older checkpoints lack.
+    values = to_dict(PixelCNNConfig(outline_modes=8))
+    assert from_dict(PixelCNNConfig, values).framed_logits and from_dict(PixelCNNConfig, values).keeps_background
+    del values["outline_frame"], values["outline_background"]
+    old = from_dict(PixelCNNConfig, values)
+    assert not old.framed_logits and not old.keeps_background
+    assert not PixelCNNConfig().keeps_background  # no outline model, no outline to keep the background outside
+
+
 def test_position_dropout_is_a_share_below_1():
     values = to_dict(PixelCNNConfig(position_dropout=0.1))
     assert from_dict(PixelCNNConfig, values) == PixelCNNConfig(position_dropout=0.1)

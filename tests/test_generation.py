@@ -103,6 +103,11 @@ def test_the_prior_starts_from_the_code_frequencies_of_its_training_grids(traine
     # several nats (a code seen at every grid of a place against codes never seen there).
     assert float(initial.max() - initial.min()) > 3
     torch.testing.assert_close(prior.position_logits.detach(), initial, rtol=0, atol=0.1)
+    # Sampling keeps to the background outside the outline: the codes on at least 1 in 10,000 of the training
+    # cells outside the outlines (a buffer, not trained).
+    outside = np.bincount(codes[outlines == 0], minlength=32)
+    assert prior.background_codes.tolist() == (outside >= 1e-4 * outside.sum()).tolist()
+    assert 0 < int(prior.background_codes.sum()) < 32
 
 
 def test_the_prior_draws_each_slices_outline_first_from_a_shape_model_of_the_training_outlines(

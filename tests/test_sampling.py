@@ -144,12 +144,24 @@ def test_fast_sampling_gives_exactly_the_naive_code_grids_with_an_outline_framin
     outlines = torch.zeros(3, 8, 8, dtype=torch.int64)
     for outline, (top, left, side) in zip(outlines, [(1, 1, 5), (2, 3, 4), (0, 0, 8)], strict=True):
         outline[top:top + side, left:left + side] = 1
+    model.background_codes.copy_(torch.arange(8) < 2)  # outside the outlines only codes 0 and 1 may be drawn
     naive = sample_naive(model, uniforms, positions, context=outlines, guidance=guidance)
     fast = sample_fast(model, uniforms, positions, context=outlines, guidance=guidance)
     assert torch.equal(fast, naive)
-    assert len(naive.unique()) > 1
+    assert set(naive[outlines == 0].tolist()) == {0, 1} and naive[outlines == 1].max() > 1
     moved = outlines.roll(1, dims=2)  # the same outlines one column to the right: other logits, other codes
     assert not torch.equal(sample_fast(model, uniforms, positions, context=moved, guidance=guidance), fast)
+
+
+def test_choose_codes_draws_only_allowed_codes():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]))
+    allowed = torch.tensor([[True, True, False, False], [False, False, False, True]])
+    for u in (0.0, 0.2, 0.5, 0.999):
+        chosen = choose_codes(logits, torch.tensor([u, u]), allowed=allowed)
+        assert chosen[0] in (0, 1) and chosen[1] == 3
+    # Among the allowed codes, by their own odds: code 0 for the first third of the uniforms, then code 1.
+    assert choose_codes(logits[:1], torch.tensor([0.3]), allowed=allowed[:1]).item() == 0
+    assert choose_codes(logits[:1], torch.tensor([0.4]), allowed=allowed[:1]).item() == 1
 
 
 def test_samples_depend_on_the_context():

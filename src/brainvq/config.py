@@ -177,6 +177,11 @@ class PixelCNNConfig:
     # and their Fréchet distance from 75.7 to 39.0 (real 33.2; benchmarks/RESULTS.md, "position logits framed by
     # the outline"). Priors written before it existed read them in the grid's frame everywhere.
     outline_frame: bool = field(default=True, metadata={ABSENT_MEANS: False})
+    # With an outline model: outside the drawn outline, sampling draws only the codes of the background (those of
+    # the training cells outside the training outlines; `GatedPixelCNN.fit_background`), so that no speck or tag of
+    # brain lies beyond the outline. Like top-k it only narrows what sampling draws: training and the NLL are the
+    # same. Priors written before it existed draw every code outside the outline.
+    outline_background: bool = field(default=True, metadata={ABSENT_MEANS: False})
 
     def validate(self) -> None:
         # Upper bounds too: a tampered prior/config.json must not make the constructor allocate gigabytes.
@@ -221,6 +226,11 @@ class PixelCNNConfig:
     def framed_logits(self) -> bool:
         """Whether the position logits inside the outline are read in the outline's box frame (`outline_frame`)."""
         return self.outline_frame and self.outline_modes > 0 and self.position_logits
+
+    @property
+    def keeps_background(self) -> bool:
+        """Whether sampling draws only background codes outside the drawn outline (`outline_background`)."""
+        return self.outline_background and self.outline_modes > 0
 
     @property
     def context_side(self) -> int:

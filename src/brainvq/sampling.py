@@ -27,10 +27,13 @@ from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN, layer_bias
 
 
 def choose_codes(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float = 1.0,
-                 top_k: int | None = None) -> torch.Tensor:
+                 top_k: int | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one code per row of `logits` [B, K] by inverse CDF of softmax(logits / T), restricted to the
-    `top_k` most likely codes; `uniforms` [B] in [0, 1) are the random numbers. Returns [B] int64."""
+    `allowed` codes ([B, K] bool; None: all) and among them to the `top_k` most likely; `uniforms` [B] in [0, 1)
+    are the random numbers. Returns [B] int64."""
     logits = logits.float() / temperature
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if top_k is not None and top_k < logits.shape[1]:
         threshold = logits.topk(top_k, dim=1).values[:, -1:]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
@@ -67,6 +70,11 @@ def _rows(size: int, progress: bool) -> Iterable[int]:
                 dynamic_ncols=True)
 
 
+def _at(allowed: torch.Tensor | None, row: int, column: int) -> torch.Tensor | None:
+    """The codes `allowed` [B, K, G, G] (or None) at one place of the grid -> [B, K] (or None)."""
+    return None if allowed is None else allowed[:, :, row, column]
+
+
 def draw_uniforms(count: int, grid_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """The random numbers of a sampling run: [count, G, G] uniforms in [0, 1)."""
     return torch.rand(count, grid_size, grid_size, generator=generator)
@@ -80,12 +88,14 @@ def sample_naive(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.
     by a full forward pass per position (a progress bar over the rows with `progress`)."""
     batch, size, _ = uniforms.shape
     device = next(model.parameters()).device
+    allowed = model.allowed_codes(context)  # [B, K, G, G] or None
     positions, context, copies = guided_inputs(model, positions, context, guidance)
     codes = torch.zeros(copies * batch, size, size, dtype=torch.int64, device=device)
     for row in _rows(size, progress):
         for column in range(size):
             logits = guided_logits(model(codes, positions, context)[:, :, row, column], guidance)
-            chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature, top_k=top_k)
+            chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature, top_k=top_k,
+                                  allowed=_at(allowed, row, column))
             codes[:, row, column] = chosen.repeat(copies)
     return codes[:batch]
 
@@ -104,6 +114,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
         raise ConfigError(f"cannot sample {size}x{size} grids from a prior of {model.config.grid_size}x"
                           f"{model.config.grid_size} grids")
     device = next(model.parameters()).device
+    allowed = model.allowed_codes(context)  # [B, K, G, G] or None
     positions, context, copies = guided_inputs(model, positions, context, guidance)
     batch = copies * len(uniforms)  # what the network runs on
     channels, reach, depth = model.config.channels, model.reach, len(model.layers)
@@ -159,7 +170,7 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
                 skip = skip + contribution
             logits = guided_logits(model.logits(skip, output_bias[:, :, row:row + 1, here])[:, :, 0, 0], guidance)
             chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature,
-                                  top_k=top_k).repeat(copies)
+                                  top_k=top_k, allowed=_at(allowed, row, column)).repeat(copies)
             codes[:, row, column] = chosen
             embedded[:, :, row + reach, column + reach] = model.embed(chosen, position_map[:, :, row, column])
     return codes[:len(uniforms)]

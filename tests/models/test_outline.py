@@ -106,6 +106,30 @@ def test_framed_position_logits_are_the_same_whichever_batch_the_grids_are_count
     assert not torch.equal(at_once.outline_logits[0], at_once.outline_logits[1])  # counted per position
 
 
+def test_the_background_is_the_codes_common_outside_the_training_outlines_and_only_they_are_allowed_there():
+    outlines = boxes([(2, 2, 8)] * 60)  # 60 grids of 16x16, 192 of their 256 cells outside the outline
+    codes = outlines * 2  # code 2 inside
+    codes[:, 0, :] = 1  # code 1 on 960 cells outside: background
+    codes[0, 15, 15] = 3  # code 3 on 1 of 11,520 outside cells, under BACKGROUND_SHARE (1e-4): the encoder's slip
+    model = GatedPixelCNN(PixelCNNConfig(codebook_size=4, channels=8, layers=1, grid_size=16, positions=1,
+                                         attention_layers=0, outline_modes=1))
+    assert model.background_codes.all()  # until fitted
+    model.fit_background(codes, outlines)
+    assert model.background_codes.tolist() == [True, True, False, False]
+    allowed = model.allowed_codes(outlines[:2])
+    assert allowed.shape == (2, 4, 16, 16)
+    assert allowed[:, :, 5, 5].all()  # inside: every code
+    assert allowed[:, :, 0, 0].tolist() == [[True, True, False, False]] * 2
+    model.fit_background(codes, torch.ones_like(outlines))  # nothing outside: nothing to keep to
+    assert model.background_codes.all()
+    with pytest.raises(ConfigError, match="needs the outlines"):
+        model.allowed_codes(None)
+    without = GatedPixelCNN(dataclasses.replace(model.config, outline_background=False))
+    assert without.allowed_codes(outlines) is None and not hasattr(without, "background_codes")
+    with pytest.raises(ConfigError, match="does not keep the background"):
+        without.fit_background(codes, outlines)
+
+
 def test_drawn_outlines_are_whole_discs_within_the_range_of_the_training_ones_at_each_position():
     radii = [6.0, 7.0, 8.0, 9.0, 10.0]
     outlines = torch.cat([discs(radii), discs([r / 2 for r in radii])])

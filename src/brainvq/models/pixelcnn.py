@@ -35,7 +35,8 @@ Conditioning (none of it depends on the codes, so causality holds):
   relative to each brain's extent, so the anatomy of a position (the cerebellum at the back of a low slice,
   the ventricles in the middle of a middle one) lands inside the drawn outline wherever it lies and whatever
   its size; in the grid's frame, the training slices' differing shifts and sizes blur it. Outside the outline
-  they are the frequencies of the codes outside the training outlines;
+  they are the frequencies of the codes outside the training outlines, and with `outline_background` sampling
+  draws only those codes there (`allowed_codes`): the outline model, not a stray code, says where the brain ends;
 - with `position_template` > 0, each layer's bias also says what the slice position leads one to expect around
   each place, below and to the right included: the code probabilities of the position logits, averaged over
   squares to a `position_template`^2 grid, are read by a small convolutional network that looks every way (they
@@ -67,6 +68,11 @@ from brainvq.models.outline import OutlineModel, from_box_frame, into_box_frame
 # The slice position of a grid shown without one: a prior trained with `position_dropout` > 0 has a row for it in
 # each per-position table, and its output for it is the unconditional model that classifier-free guidance needs.
 NO_POSITION = -1
+
+# A code is background (`fit_background`) when it lies on at least this share of the training cells outside the
+# outlines. Not any share above 0: the encoder gives a brain code to a handful of all-dark cells (in the demo cohort
+# 5 codes on 1-5 of 3.7 million cells each), while the background's codes each cover thousands or more.
+BACKGROUND_SHARE = 1e-4
 
 # Added to every count of `init_position_logits`: a code never seen at a place of a slice position (out of ~40
 # training grids there) starts ~6 nats below the commonest, unlikely but not impossible.
@@ -179,6 +185,8 @@ class GatedPixelCNN(nn.Module):
         if self.config.outline_modes:
             self.outline = OutlineModel(self.config.positions if self.config.conditional else 1, size,
                                         self.config.outline_modes)
+        if self.config.keeps_background:  # which codes sampling may draw outside the outline; all until fitted
+            self.register_buffer("background_codes", torch.ones(self.config.codebook_size, dtype=torch.bool))
         if self.config.position_template:  # only then: priors without a template keep their parameters
             self.template_reader = _template_reader(self.config.codebook_size, location_channels)
         map_size = self.config.position_map_size if self.config.conditional else 0
@@ -282,6 +290,26 @@ class GatedPixelCNN(nn.Module):
         if not self.config.outline_modes:
             raise ConfigError("this prior has no outline model (outline_modes = 0)")
         self.outline.fit(outlines, self._table_rows(positions, len(outlines), outlines.device))
+
+    @torch.no_grad()
+    def fit_background(self, codes: torch.Tensor, outlines: torch.Tensor) -> None:
+        """Find the background codes: those on at least BACKGROUND_SHARE of the cells outside the training
+        `outlines` [N, G, G] int64 in their grids `codes` [N, G, G] int64 (every code when no cell is outside)."""
+        if not self.config.keeps_background:
+            raise ConfigError("this prior does not keep the background (it needs outline_modes > 0 and "
+                              "outline_background)")
+        counts = torch.bincount(codes[outlines == 0].cpu(), minlength=self.config.codebook_size)
+        self.background_codes.copy_(counts >= BACKGROUND_SHARE * counts.sum())  # all of them when nothing is outside
+
+    def allowed_codes(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        """Which codes sampling may draw at each place of slices with the outlines `context` [B, G, G] int64:
+        [B, K, G, G] bool, every code inside the outline and the background codes outside it; None (every code
+        everywhere) for a prior that does not keep the background."""
+        if not self.config.keeps_background:
+            return None
+        if context is None:
+            raise ConfigError("this prior draws only background codes outside the outline: it needs the outlines")
+        return (context[:, None] > 0) | self.background_codes[None, :, None, None]
 
     def draw_outlines(self, positions: torch.Tensor | None, batch: int, generator: torch.Generator | None = None, *,
                       temperature: float = 1.0) -> torch.Tensor:

@@ -45,7 +45,8 @@ def drop_positions(positions: torch.Tensor, share: float) -> torch.Tensor:
 
 def new_prior(config: PixelCNNConfig, train_set: TensorDataset) -> GatedPixelCNN:
     """A prior to train on `train_set` (items as `code_dataset` makes them): its position logits, if it has any,
-    set from those grids' code frequencies, and its outline model, if it has one, fitted to their outlines."""
+    set from those grids' code frequencies, and its outline model, if it has one, fitted to their outlines (with
+    the codes of their background)."""
     model = GatedPixelCNN(config)
     codes, positions = train_set.tensors[:2]
     outlines = train_set.tensors[2] if config.outline_modes else None
@@ -53,6 +54,8 @@ def new_prior(config: PixelCNNConfig, train_set: TensorDataset) -> GatedPixelCNN
         model.init_position_logits(codes, positions, outlines)
     if outlines is not None:
         model.fit_outlines(outlines, positions)
+    if config.keeps_background:
+        model.fit_background(codes, outlines)
     return model
 
 
