@@ -106,10 +106,13 @@ def test_each_model_gets_its_default_batch_size_and_mirroring_and_the_prior_an_o
     settings = [json.loads((folder / "config.json").read_text())["train"] for folder in (run, run / "prior")]
     assert [train["batch_size"] for train in settings] == [VQVAE_BATCH_SIZE, PRIOR_BATCH_SIZE]
     assert [train["mirror"] for train in settings] == [VQVAE_MIRROR, PRIOR_MIRROR]
-    assert json.loads((run / "prior" / "config.json").read_text())["model"]["outline_modes"] == PRIOR_OUTLINE_MODES
+    model = json.loads((run / "prior" / "config.json").read_text())["model"]
+    assert model["outline_modes"] == PRIOR_OUTLINE_MODES and model["outline_frame"] and model["outline_background"]
     shutil.rmtree(run / "prior")
-    assert main(["train-prior", str(run), "--channels", "8", "--layers", "2", "--outline-modes", "0", *quick]) == 0
-    assert json.loads((run / "prior" / "config.json").read_text())["model"]["outline_modes"] == 0
+    assert main(["train-prior", str(run), "--channels", "8", "--layers", "2", "--outline-modes", "0",
+                 "--no-outline-frame", "--no-outline-background", *quick]) == 0
+    model = json.loads((run / "prior" / "config.json").read_text())["model"]
+    assert model["outline_modes"] == 0 and not model["outline_frame"] and not model["outline_background"]
 
 
 def test_mirror_doubles_the_vqvae_training_slices_and_a_resume_may_not_change_it(tiny_cohort, tmp_path, capsys):

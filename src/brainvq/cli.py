@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--no-outline-frame", action="store_true",
                        help="read the position logits in the grid's own frame inside the outline too, not placed "
                             "by the outline's box (the design before 2026-12-02 afternoon)")
+    prior.add_argument("--no-outline-background", action="store_true",
+                       help="let sampling draw any code outside the drawn outline, not only the background's "
+                            "(the design before 2026-12-02 evening)")
     prior.set_defaults(handler=run_train_prior)
 
     sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder "
@@ -406,7 +409,7 @@ def run_train_prior(args: argparse.Namespace) -> None:
                          "outline_modes": args.outline_modes}
         prior_config = api.default_prior_config(
             args.run, args.data, conditional=not args.unconditional, position_logits=not args.no_position_logits,
-            outline_frame=not args.no_outline_frame,
+            outline_frame=not args.no_outline_frame, outline_background=not args.no_outline_background,
             **{name: value for name, value in model_options.items() if value is not None})
         results = api.train_prior(args.run, data_dir=args.data, prior_config=prior_config,
                                   train_config=TrainConfig(**given), progress=not args.quiet)
