@@ -55,7 +55,7 @@ from brainvq.config import PRIOR_BATCH_SIZE, TrainConfig, VQVAEConfig
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.models.vqvae import VQVAE
 from brainvq.runtime import autocast, prepare_module
-from brainvq.training.loop import forward_backward
+from brainvq.training.loop import forward_backward, new_optimizer
 from brainvq.training.prior import PriorTask
 from brainvq.training.vqvae import VQVAETask
 
@@ -70,8 +70,7 @@ class TrainingStep:
         self.config = TrainConfig(precision=precision)
         self.task, self.batch, self.precision = task, batch, precision
         self.device = next(task.model.parameters()).device
-        self.optimizer = torch.optim.AdamW(task.model.parameters(), lr=self.config.lr,
-                                           weight_decay=self.config.weight_decay)
+        self.optimizer = new_optimizer(task.model, self.config, self.device)
         task.model.train()
         task.start_epoch()
 

@@ -110,3 +110,37 @@ def test_optimizer_state_round_trip_continues_identically(tmp_path):
         net(batch).pow(2).mean().backward()
         opt.step()
     assert torch.equal(model.weight, copy.weight)
+
+
+def test_a_per_tensor_optimizer_checkpoint_resumes_fused_with_the_same_steps_in_channels_last(tmp_path):
+    """Runs saved before the optimizer was fused resume fused; the moments take their parameter's layout (the
+    fused CPU AdamW pairs a channels_last parameter with contiguous moments element by element in memory)."""
+    def conv() -> torch.nn.Conv2d:
+        return torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+
+    def step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+        optimizer.zero_grad()
+        images = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+        net(images.contiguous(memory_format=torch.channels_last)).pow(2).mean().backward()
+        optimizer.step()
+
+    torch.manual_seed(0)
+    model = conv()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=False)
+    for seed in range(3):
+        step(model, optimizer, seed)
+    tensors, state = optimizer_tensors(optimizer)
+    save_checkpoint(tmp_path / "o.safetensors", tensors | module_tensors(model, "model."), {"optimizer": state})
+    loaded, metadata = load_checkpoint(tmp_path / "o.safetensors")
+    copy = conv()
+    load_module_state(copy, loaded, prefix="model.")
+    fused = torch.optim.AdamW(copy.parameters(), lr=0.1, fused=True)
+    restore_optimizer(fused, loaded, metadata["optimizer"])
+    assert fused.param_groups[0]["fused"]
+    for param in copy.parameters():
+        assert all(moment.stride() == param.stride() for moment in (fused.state[param]["exp_avg"],
+                                                                     fused.state[param]["exp_avg_sq"]))
+    for seed in (3, 4):
+        step(model, optimizer, seed)
+        step(copy, fused, seed)
+    torch.testing.assert_close(copy.weight, model.weight, rtol=1e-6, atol=1e-6)

@@ -116,14 +116,26 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
                 state.setdefault(int(param_id), {})[key] = tensor
         for param_id, values in saved.get("scalars", {}).items():
             state.setdefault(int(param_id), {}).update(values)
+        current = optimizer.state_dict()["param_groups"]
         groups = saved["param_groups"]
-        if problem := _param_groups_problem(groups, optimizer.state_dict()["param_groups"]):
+        if problem := _param_groups_problem(groups, current):
             raise CheckpointError(f"optimizer state does not fit this model: {problem}", source)
+        # How torch computes the step is this optimizer's choice, not the checkpoint's (a run saved before the
+        # optimizer was fused resumes fused): the update and the state are the same.
+        groups = [group | {key: now[key] for key in IMPLEMENTATION_KEYS if key in now}
+                  for group, now in zip(groups, current, strict=True)]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (AttributeError, KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"optimizer state does not fit this model ({_first_line(error)})", source) from None
     params = [param for group in optimizer.param_groups for param in group["params"]]
     states = [optimizer.state.get(param, {}) for param in params]
+    for param, param_state in zip(params, states, strict=True):
+        # Moments come back contiguous; give them their parameter's layout (channels_last under bf16). The fused
+        # CPU AdamW walks a parameter and its moments as flat memory, so mismatched strides pair the wrong
+        # elements: without this a resumed bf16 run took different steps from an uninterrupted one.
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
     if len({frozenset(state) for state in states}) > 1:
         raise CheckpointError("optimizer state is incomplete: its parameters do not all have the same entries",
                               source)
@@ -132,12 +144,16 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
             raise CheckpointError(f"optimizer state {key} {problem}", source)
 
 
+# Param-group settings that choose how torch computes an optimizer step, not what it computes.
+IMPLEMENTATION_KEYS = ("foreach", "fused")
+
+
 def _param_groups_problem(saved: Any, current: list[dict[str, Any]]) -> str | None:
     """What makes saved param_groups unusable for an optimizer whose own groups are `current`, if anything.
 
-    Numeric hyper-parameters both have (lr, betas, eps...) must be finite numbers; the others (amsgrad, fused,
-    foreach...) select the algorithm and the state it keeps, so they must be equal. Keys only one of them has
-    are left to torch, so that a checkpoint of another torch version still loads.
+    Numeric hyper-parameters both have (lr, betas, eps...) must be finite numbers; the others (amsgrad,
+    maximize...) select the algorithm and the state it keeps, so they must be equal, but for IMPLEMENTATION_KEYS.
+    Keys only one of them has are left to torch, so that a checkpoint of another torch version still loads.
     """
     if not isinstance(saved, list) or len(saved) != len(current) or not all(isinstance(g, dict) for g in saved):
         return f"expected {len(current)} parameter group(s)"
@@ -146,7 +162,7 @@ def _param_groups_problem(saved: Any, current: list[dict[str, Any]]) -> str | No
         if not isinstance(params, list) or len(params) != len(group["params"]) or not all(
                 type(param_id) is int for param_id in params):
             return f"expected {len(group['params'])} parameter ids per group"
-        for key in saved_group.keys() & group.keys() - {"params"}:
+        for key in saved_group.keys() & group.keys() - {"params", *IMPLEMENTATION_KEYS}:
             if not _same_kind(saved_group[key], group[key]):
                 return f"{key} is {saved_group[key]!r} where this optimizer has {group[key]!r}"
     return None

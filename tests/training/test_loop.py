@@ -16,7 +16,7 @@ from brainvq.models.vqvae import VQVAE
 from brainvq.run import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE
 from brainvq.runtime import compile_enabled, prepare_module, seed_everything
 from brainvq.training import loop
-from brainvq.training.loop import MAX_BAD_STEPS, forward_backward, train
+from brainvq.training.loop import MAX_BAD_STEPS, forward_backward, new_optimizer, train
 from brainvq.training.vqvae import VQVAETask
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,6 +185,27 @@ def test_repeated_non_finite_losses_stop_the_run_and_leave_the_last_checkpoint_i
     with pytest.raises(TrainingError, match=f"not finite in {MAX_BAD_STEPS} steps in a row"):
         run(tmp_path, 5, resume=True, train_set=with_nan_images(blob_images(24), range(24)))
     assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+
+
+def test_the_optimizer_is_fused_on_the_cpu_and_takes_the_same_steps_as_the_per_tensor_adamw():
+    config = TrainConfig(lr=1e-2, weight_decay=0.1)
+    weights = {name: VQVAE(SMALL) for name in ("fused", "per_tensor")}
+    weights["per_tensor"].load_state_dict(weights["fused"].state_dict())
+    fused = new_optimizer(weights["fused"], config, torch.device("cpu"))
+    per_tensor = torch.optim.AdamW(weights["per_tensor"].parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] and fused.defaults["lr"] == 1e-2 and fused.defaults["weight_decay"] == 0.1
+    before = [parameter.detach().clone() for parameter in weights["fused"].parameters()]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        gradients = [torch.randn(p.shape, generator=generator) for p in weights["fused"].parameters()]
+        for optimizer, model in ((fused, weights["fused"]), (per_tensor, weights["per_tensor"])):
+            for parameter, gradient in zip(model.parameters(), gradients, strict=True):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+    moved = [(after - start).abs().max() for after, start in zip(weights["fused"].parameters(), before, strict=True)]
+    assert min(moved) > 1e-3  # the steps did something ...
+    for a, b in zip(weights["fused"].parameters(), weights["per_tensor"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # ... and the same thing
 
 
 def test_gradients_are_clipped_to_max_grad_norm_and_the_norm_before_clipping_is_reported():
