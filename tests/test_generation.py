@@ -15,8 +15,9 @@ from PIL import Image
 from brainvq import api
 from brainvq.cli import main
 from brainvq.codes import encode_dataset, slice_outlines
-from brainvq.config import PRIOR_OUTLINE_MODES, SAMPLING_TEMPERATURE, TrainConfig, VQVAEConfig
+from brainvq.config import PRIOR_OUTLINE_MODES, PRIOR_WARPED_COPIES, SAMPLING_TEMPERATURE, TrainConfig, VQVAEConfig
 from brainvq.data.dataset import SliceDataset, load_split
+from brainvq.data.warp import warped_copy
 from brainvq.errors import ConfigError
 from brainvq.images import load_png
 from brainvq.models.pixelcnn import POSITION_LOGIT_SMOOTHING, PixelCNNConfig
@@ -69,23 +70,35 @@ def test_prior_reports_validation_and_test_bits_per_code(trained_run):
     assert [record["epoch"] for record in history] == [1, 2]
 
 
-def test_the_prior_trains_on_the_grids_of_the_training_slices_and_of_their_mirror_images(trained_run, tiny_cohort):
+def test_the_prior_trains_on_the_grids_of_the_training_slices_their_mirror_images_and_warped_copies(
+        trained_run, tiny_cohort):
     vqvae, _ = api.load_vqvae(trained_run)
-    mirrored = SliceDataset(load_split(tiny_cohort, "train"), mirrored=True)
-    expected = encode_dataset(vqvae, mirrored, device=torch.device("cpu"), precision="fp32")
-    np.testing.assert_array_equal(np.load(trained_run / "codes" / "train_mirrored.npy"), expected)
+    train = load_split(tiny_cohort, "train")
+    variants = {"train_mirrored": SliceDataset(train, mirrored=True)}
+    for copy in range(PRIOR_WARPED_COPIES):
+        variants[f"train_warped{copy}"] = SliceDataset(warped_copy(train, copy))
+        variants[f"train_warped{copy}_mirrored"] = SliceDataset(warped_copy(train, copy, mirrored=True))
+    for name, slices in variants.items():
+        expected = encode_dataset(vqvae, slices, device=torch.device("cpu"), precision="fp32")
+        np.testing.assert_array_equal(np.load(trained_run / "codes" / f"{name}.npy"), expected)
     train_config = json.loads((trained_run / "prior" / "config.json").read_text())["train"]
-    assert train_config["mirror"] is True  # the prior's default, recorded
+    assert train_config["mirror"] is True and train_config["warped_copies"] == PRIOR_WARPED_COPIES  # recorded
     history = [json.loads(line) for line in (trained_run / "prior" / "metrics.jsonl").read_text().splitlines()]
-    assert history[0]["step"] == 2 * 64 // QUICK["batch_size"]  # an epoch: 64 training grids and their mirrors
+    # An epoch: 64 training grids, their mirrors, and a warped copy of each of those per copy.
+    assert history[0]["step"] == 2 * (1 + PRIOR_WARPED_COPIES) * 64 // QUICK["batch_size"]
 
 
 def test_the_prior_starts_from_the_code_frequencies_of_its_training_grids(trained_run, tiny_cohort):
-    codes = np.concatenate([np.load(trained_run / "codes" / f"{name}.npy") for name in ("train", "train_mirrored")])
-    codes = codes.astype(np.int64)
-    positions = np.array(json.loads((trained_run / "codes" / "train.json").read_text())["slice_indices"] * 2)
     train = load_split(tiny_cohort, "train")
-    outlines = np.concatenate([slice_outlines(train.images, 32, mirrored=mirrored) for mirrored in (False, True)])
+    variants = [(None, False), (None, True), *[(copy, mirrored) for copy in range(PRIOR_WARPED_COPIES)
+                                              for mirrored in (False, True)]]
+    names = ["train" + (f"_warped{copy}" if copy is not None else "") + ("_mirrored" if mirrored else "")
+             for copy, mirrored in variants]
+    codes = np.concatenate([np.load(trained_run / "codes" / f"{name}.npy") for name in names]).astype(np.int64)
+    positions = np.array(json.loads((trained_run / "codes" / "train.json").read_text())["slice_indices"] * len(names))
+    outlines = np.concatenate([slice_outlines(train.images, 32, mirrored=mirrored) if copy is None
+                               else slice_outlines(warped_copy(train, copy, mirrored=mirrored).images, 32)
+                               for copy, mirrored in variants])
     # The default prior's logits are framed by the outline: in the grid's frame they count the codes outside
     # the outlines; a place no grid of a position has outside counts as that position's codes outside, pooled.
     counts = np.zeros((32, 32, 32, 32))  # [position, code, row, column]

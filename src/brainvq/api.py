@@ -30,12 +30,14 @@ from brainvq.config import (
     VQVAEConfig,
     default_batch_size,
     default_mirror,
+    default_warped_copies,
     load_json,
     save_json,
 )
 from brainvq.data.dataset import SliceDataset, SliceSet, load_split
 from brainvq.data.demo import make_demo_cohort
 from brainvq.data.layout import MASK_VALUES, mask_file_name, mask_folder, mask_pixels
+from brainvq.data.warp import warped_copy
 from brainvq.distributed import barrier, is_main, process_group
 from brainvq.errors import CheckpointError, ConfigError, DataError
 from brainvq.images import save_grid, save_png, to_uint8
@@ -104,9 +106,11 @@ def train_vqvae(data_dir: str | Path, run_dir: str | Path, *, model_config: VQVA
     model_config = model_config or default_vqvae_config(data_dir)
     model_config, train_config = _run_settings(run_dir, VQVAEConfig, model_config, train_config,
                                                resume=resume, overrides=resume_overrides, data_dir=data_dir)
-    train_set = _slice_dataset(train_slices, model_config, data_dir)
-    if train_config.mirror:
-        train_set = ConcatDataset([train_set, SliceDataset(train_slices, mirrored=True)])
+    train_set = ConcatDataset([_slice_dataset(train_slices, model_config, data_dir),
+                               *([SliceDataset(train_slices, mirrored=True)] if train_config.mirror else []),
+                               *[SliceDataset(warped_copy(train_slices, copy, mirrored=mirrored))
+                                 for copy in range(train_config.warped_copies or 0)
+                                 for mirrored in ((False, True) if train_config.mirror else (False,))]])
     validation_set = _slice_dataset(load_split(data_dir, "validate", progress=progress), model_config, data_dir)
     with process_group(train_config.device) as device:
         seed_everything(train_config.seed)  # the initial weights
@@ -193,7 +197,7 @@ def train_prior(run_dir: str | Path, *, data_dir: str | Path | None = None,
         grids = _all_code_grids(run_dir, data_dir, train_config, outlines=outlines) if is_main() else None
         barrier()
         grids = grids or _all_code_grids(run_dir, data_dir, train_config, outlines=outlines)
-        train_set = code_dataset(grids["train"], *([grids["train_mirrored"]] if train_config.mirror else []),
+        train_set = code_dataset(*[part for name, part in grids.items() if name.startswith("train")],
                                  outlines=outlines)
         seed_everything(train_config.seed)
         model = prepare_module(new_prior(prior_config, train_set), device, train_config.precision)
@@ -255,23 +259,32 @@ def _run_settings(folder: Path, model_class: type, model_config: Any, train_conf
 
 
 def _with_model_defaults(train_config: TrainConfig, model_class: type) -> TrainConfig:
-    """`train_config` with its batch size and mirroring, the model's defaults where it gives none."""
+    """`train_config` with its batch size, mirroring and warped copies, the model's defaults where it gives none."""
     batch_size = train_config.batch_size if train_config.batch_size is not None else default_batch_size(model_class)
     mirror = train_config.mirror if train_config.mirror is not None else default_mirror(model_class)
-    return dataclasses.replace(train_config, batch_size=batch_size, mirror=mirror)
+    warped = (train_config.warped_copies if train_config.warped_copies is not None
+              else default_warped_copies(model_class))
+    return dataclasses.replace(train_config, batch_size=batch_size, mirror=mirror, warped_copies=warped)
 
 
 def _all_code_grids(run_dir: Path, data_dir: Path, train_config: TrainConfig, *,
                     outlines: bool) -> dict[str, CodeGrids]:
     """The code grids a prior trains with (with the slices' `outlines` for a prior with an outline model): of
-    each split, and ("train_mirrored") of the mirrored training slices when it trains on those too."""
+    each split, and of the extra training grids it trains on too: "train_mirrored" (the mirrored training slices),
+    "train_warped<k>" (warped copy k of them) and "train_warped<k>_mirrored" (of their mirror images)."""
     vqvae, _, device, precision = _ready_vqvae(run_dir, train_config.device, train_config.precision)
-    grids = {split: code_grids(run_dir, data_dir, split, vqvae, device=device, precision=precision,
-                               outlines=outlines)
-             for split in ("train", "validate", "test")}
-    if train_config.mirror:
-        grids["train_mirrored"] = code_grids(run_dir, data_dir, "train", vqvae, device=device, precision=precision,
-                                             mirrored=True, outlines=outlines)
+
+    def grids_of(split: str, **variant: Any) -> CodeGrids:
+        return code_grids(run_dir, data_dir, split, vqvae, device=device, precision=precision, outlines=outlines,
+                          **variant)
+
+    grids = {split: grids_of(split) for split in ("train", "validate", "test")}
+    mirrors = (False, True) if train_config.mirror else (False,)
+    for copy in [None, *range(train_config.warped_copies or 0)]:
+        for mirrored in mirrors:
+            if copy is not None or mirrored:
+                name = "train" + (f"_warped{copy}" if copy is not None else "") + ("_mirrored" if mirrored else "")
+                grids[name] = grids_of("train", mirrored=mirrored, warped=copy)
     return grids
 
 

@@ -19,9 +19,11 @@ from brainvq.config import (
     DEMO_VQVAE_SHARE,
     DEVICE_NAMES,
     MAX_SEED,
+    MAX_WARPED_COPIES,
     PRIOR_BATCH_SIZE,
     PRIOR_MIRROR,
     PRIOR_OUTLINE_MODES,
+    PRIOR_WARPED_COPIES,
     SAMPLES_EVALUATED,
     SAMPLING_GUIDANCE,
     SAMPLING_TEMPERATURE,
@@ -302,6 +304,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also train on each training slice mirrored left-right (default: "
                              f"{'yes' if PRIOR_MIRROR else 'no'} for the prior, {'yes' if VQVAE_MIRROR else 'no'} "
                              "for the VQ-VAE)")
+    parser.add_argument("--warped-copies", type=non_negative_int, metavar="N",
+                        help="also train on N warped copies of each training slice (and of its mirror image), each "
+                             "slice under its own small random rotation, scale and shift (default: "
+                             f"{PRIOR_WARPED_COPIES} for the prior, 0 for the VQ-VAE; at most {MAX_WARPED_COPIES})")
     parser.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default {TRAIN_DEFAULTS.lr:g})")
     parser.add_argument("--warmup-steps", type=non_negative_int,
                         help=f"steps of linear learning-rate warm-up (default {TRAIN_DEFAULTS.warmup_steps})")
@@ -364,8 +370,8 @@ def run_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "mirror", "lr", "warmup_steps", "cooldown",
-                      "precision", "device", "compile", "seed")
+TRAIN_OPTION_NAMES = ("epochs", "max_steps", "max_minutes", "batch_size", "mirror", "warped_copies", "lr",
+                      "warmup_steps", "cooldown", "precision", "device", "compile", "seed")
 
 
 def _given_training_options(args: argparse.Namespace) -> dict[str, Any]:
