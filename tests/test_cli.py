@@ -10,7 +10,14 @@ import pytest
 
 from brainvq import api
 from brainvq.cli import build_parser, main
-from brainvq.config import PRIOR_BATCH_SIZE, PRIOR_MIRROR, PRIOR_OUTLINE_MODES, VQVAE_BATCH_SIZE, VQVAE_MIRROR
+from brainvq.config import (
+    PRIOR_BATCH_SIZE,
+    PRIOR_MIRROR,
+    PRIOR_OUTLINE_MODES,
+    PRIOR_WARPED_COPIES,
+    VQVAE_BATCH_SIZE,
+    VQVAE_MIRROR,
+)
 from brainvq.errors import CheckpointError
 
 TRAIN_FAST = ["--batch-size", "8", "--quiet", "--max-minutes", "0"]
@@ -106,6 +113,7 @@ def test_each_model_gets_its_default_batch_size_and_mirroring_and_the_prior_an_o
     settings = [json.loads((folder / "config.json").read_text())["train"] for folder in (run, run / "prior")]
     assert [train["batch_size"] for train in settings] == [VQVAE_BATCH_SIZE, PRIOR_BATCH_SIZE]
     assert [train["mirror"] for train in settings] == [VQVAE_MIRROR, PRIOR_MIRROR]
+    assert [train["warped_copies"] for train in settings] == [0, PRIOR_WARPED_COPIES]
     model = json.loads((run / "prior" / "config.json").read_text())["model"]
     assert model["outline_modes"] == PRIOR_OUTLINE_MODES and model["outline_frame"] and model["outline_background"]
     shutil.rmtree(run / "prior")
@@ -126,6 +134,18 @@ def test_mirror_doubles_the_vqvae_training_slices_and_a_resume_may_not_change_it
     capsys.readouterr()
     assert main([*arguments, "--mirror", "--epochs", "2", "--resume"]) == 1
     assert "mirror" in capsys.readouterr().err
+
+
+def test_warped_copies_add_their_slices_to_a_vqvae_epoch_and_out_of_range_counts_are_refused(
+        tiny_cohort, tmp_path, capsys):
+    run = tmp_path / "run"
+    arguments = ["train-vqvae", "--data", str(tiny_cohort), "--out", str(run), "--downsample", "8", *TRAIN_FAST]
+    assert main([*arguments, "--no-mirror", "--warped-copies", "1", "--epochs", "1"]) == 0
+    assert json.loads((run / "metrics.jsonl").read_text())["step"] == 2 * 64 // 8  # the slices and one copy
+    capsys.readouterr()
+    assert main([*arguments[:4], str(tmp_path / "other"), *arguments[5:], "--warped-copies", "17"]) == 1
+    error = capsys.readouterr().err
+    assert "warped_copies" in error and error.count("\n") == 1
 
 
 def test_warmup_steps_sets_the_learning_rate_ramp_and_a_resume_may_not_change_it(tiny_cohort, tmp_path, capsys):

@@ -16,10 +16,7 @@ from brainvq.run import BEST_CHECKPOINT, LAST_CHECKPOINT
 
 VQVAE = VQVAEConfig(downsample=16, channels=32, code_dim=16)  # 16x16 code grids: quick to sample
 PRIOR = PixelCNNConfig(codebook_size=32, channels=16, layers=3, grid_size=16)
-# On the training grids alone (and their mirrors): with the prior's warped copies too, one epoch is 3x the steps, and
-# this tiny prior then draws every sample as background, the same for every seed. (The copies themselves are
-# drawn from a fixed seed: tests/data/test_warp.py.)
-ONE_EPOCH = {"epochs": 1, "max_minutes": None, "batch_size": 8, "warped_copies": 0}
+ONE_EPOCH = {"epochs": 1, "max_minutes": None, "batch_size": 8}
 # No warm-up for the VQ-VAE: after its 8 steps its decoder must already turn different codes into different pixels,
 # or every sample is the same black image and "another seed gives other samples" could not be seen.
 VQVAE_TRAINING = {"warmup_steps": 0, "lr": 2e-3}

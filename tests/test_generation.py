@@ -15,7 +15,7 @@ from PIL import Image
 from brainvq import api
 from brainvq.cli import main
 from brainvq.codes import encode_dataset, slice_outlines
-from brainvq.config import PRIOR_OUTLINE_MODES, PRIOR_WARPED_COPIES, SAMPLING_TEMPERATURE, TrainConfig, VQVAEConfig
+from brainvq.config import PRIOR_OUTLINE_MODES, SAMPLING_TEMPERATURE, TrainConfig, VQVAEConfig
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.data.warp import warped_copy
 from brainvq.errors import ConfigError
@@ -25,6 +25,7 @@ from brainvq.report import write_report
 from brainvq.sampling import sample_fast
 
 QUICK = {"max_minutes": None, "batch_size": 8, "seed": 1}
+WARPED_COPIES = 1  # the prior of `trained_run` also learns from one warped copy of each training slice
 TILE = 256  # side of a slice, and of each tile of the saved grids
 GRID_COLUMNS = 8
 
@@ -41,7 +42,8 @@ def grid_tiles(path: Path, rows: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_cohort, tmp_path_factory):
-    """A VQ-VAE (8x down-sampling: 32x32 code grids) and a small prior, each trained for a few steps."""
+    """A VQ-VAE (8x down-sampling: 32x32 code grids) and a small prior, each trained for a few steps (the prior
+    on the training grids, their mirror images and a warped copy of each)."""
     run = tmp_path_factory.mktemp("generation") / "run"
     api.train_vqvae(tiny_cohort, run, model_config=VQVAEConfig(downsample=8, channels=32, code_dim=16),
                     train_config=TrainConfig(epochs=2, **QUICK), progress=False)
@@ -49,7 +51,8 @@ def trained_run(tiny_cohort, tmp_path_factory):
     # 16 steps learn.
     api.train_prior(run, prior_config=PixelCNNConfig(codebook_size=32, channels=16, layers=3, grid_size=32,
                                                      outline_modes=PRIOR_OUTLINE_MODES),
-                    train_config=TrainConfig(epochs=2, warmup_steps=4, lr=5e-3, **QUICK), progress=False)
+                    train_config=TrainConfig(epochs=2, warmup_steps=4, lr=5e-3, warped_copies=WARPED_COPIES, **QUICK),
+                    progress=False)
     return run
 
 
@@ -75,22 +78,23 @@ def test_the_prior_trains_on_the_grids_of_the_training_slices_their_mirror_image
     vqvae, _ = api.load_vqvae(trained_run)
     train = load_split(tiny_cohort, "train")
     variants = {"train_mirrored": SliceDataset(train, mirrored=True)}
-    for copy in range(PRIOR_WARPED_COPIES):
+    for copy in range(WARPED_COPIES):
         variants[f"train_warped{copy}"] = SliceDataset(warped_copy(train, copy))
         variants[f"train_warped{copy}_mirrored"] = SliceDataset(warped_copy(train, copy, mirrored=True))
     for name, slices in variants.items():
         expected = encode_dataset(vqvae, slices, device=torch.device("cpu"), precision="fp32")
         np.testing.assert_array_equal(np.load(trained_run / "codes" / f"{name}.npy"), expected)
     train_config = json.loads((trained_run / "prior" / "config.json").read_text())["train"]
-    assert train_config["mirror"] is True and train_config["warped_copies"] == PRIOR_WARPED_COPIES  # recorded
+    assert train_config["mirror"] is True  # the prior's default, recorded
+    assert train_config["warped_copies"] == WARPED_COPIES
     history = [json.loads(line) for line in (trained_run / "prior" / "metrics.jsonl").read_text().splitlines()]
     # An epoch: 64 training grids, their mirrors, and a warped copy of each of those per copy.
-    assert history[0]["step"] == 2 * (1 + PRIOR_WARPED_COPIES) * 64 // QUICK["batch_size"]
+    assert history[0]["step"] == 2 * (1 + WARPED_COPIES) * 64 // QUICK["batch_size"]
 
 
 def test_the_prior_starts_from_the_code_frequencies_of_its_training_grids(trained_run, tiny_cohort):
     train = load_split(tiny_cohort, "train")
-    variants = [(None, False), (None, True), *[(copy, mirrored) for copy in range(PRIOR_WARPED_COPIES)
+    variants = [(None, False), (None, True), *[(copy, mirrored) for copy in range(WARPED_COPIES)
                                               for mirrored in (False, True)]]
     names = ["train" + (f"_warped{copy}" if copy is not None else "") + ("_mirrored" if mirrored else "")
              for copy, mirrored in variants]

@@ -140,7 +140,7 @@ def test_evaluate_samples_of_a_joint_run_checks_its_pairs_and_the_report_shows_t
     # sample has a tissue pixel (and an agreement that is a number, not None) rests on the prior's exact steps:
     # these are the steps this test was written with, on the training grids alone.
     api.train_prior(joint_run, prior_config=PixelCNNConfig(codebook_size=32, channels=16, layers=2, grid_size=32),
-                    train_config=TrainConfig(epochs=1, mirror=False, warped_copies=0, **QUICK), progress=False)
+                    train_config=TrainConfig(epochs=1, mirror=False, **QUICK), progress=False)
     api.evaluate(joint_run)
     results = api.evaluate_samples(joint_run, n=32, progress=False)
     agreement = results["label_agreement"]

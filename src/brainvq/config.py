@@ -292,18 +292,21 @@ def default_mirror(model_class: type) -> bool:
     return VQVAE_MIRROR if model_class is VQVAEConfig else PRIOR_MIRROR
 
 
-# Warped copies of each training slice for the prior where none is said (data/warp.py). In the default demo two
-# copies took the prior's test NLL from 0.968 to 0.929 bits per code in the same 8.5 minutes and its samples'
-# Fréchet distance from 0.78x to 0.65x real's, one copy to 0.946 and 0.81x; the lowest slices, with two, drew the
-# pons inside the cistern more often. Encoding the copies costs the demo about 2.5 minutes on a 2-core CPU with
-# bf16 (benchmarks/RESULTS.md, "warped copies"). The VQ-VAE trains on the slices as they are.
-PRIOR_WARPED_COPIES = 2
+# Warped copies of each training slice for the prior where none is said (data/warp.py). On the default demo's codes,
+# in the same 8.5 minutes, two copies took the prior's test NLL from 0.968 to 0.929 bits per code and its samples'
+# Fréchet distance from 0.78x to 0.65x real's (one copy: 0.946 and 0.81x), but the lowest slices went wrong about
+# as often, and encoding the copies took the demo from 19 min 37 s to 21 min 57 s on a 2-core CPU with bf16; on the
+# Intel Xeon whose demo took 21 min 42 s in fp32 (convolutions about half as fast) it would likely pass the demo's
+# 25 minutes (estimated, not measured). So none unless asked (`--warped-copies 2`; benchmarks/RESULTS.md,
+# "warped copies").
+PRIOR_WARPED_COPIES = 0
+VQVAE_WARPED_COPIES = 0  # not measured
 MAX_WARPED_COPIES = 16
 
 
 def default_warped_copies(model_class: type) -> int:
     """Warped copies of each training slice a `model_class` (VQVAEConfig or PixelCNNConfig) network trains on."""
-    return 0 if model_class is VQVAEConfig else PRIOR_WARPED_COPIES
+    return VQVAE_WARPED_COPIES if model_class is VQVAEConfig else PRIOR_WARPED_COPIES
 
 
 @dataclass(frozen=True)

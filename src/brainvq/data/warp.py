@@ -4,8 +4,9 @@ shift), so that the prior learns from more shapes than the training cases have (
 Why: after the demo's 8.5 minutes (1.4 passes over the training grids and their mirror images) the prior already
 fitted its training grids 0.2-0.37 bits per code better than unseen cases, most at the lowest slice positions.
 Two warped copies of each training slice and of its mirror image took the test NLL from 0.968 to 0.929 bits per
-code in the same minutes, the Fréchet distance of its samples from 0.78x to 0.65x real's, and left fewer of the
-lowest slices malformed (benchmarks/RESULTS.md, "warped copies").
+code in the same minutes and the Fréchet distance of its samples from 0.78x to 0.65x real's; the lowest slices
+still go wrong about as often, and the encoding costs minutes, so a run takes none unless asked
+(config.PRIOR_WARPED_COPIES; benchmarks/RESULTS.md, "warped copies").
 
 The warps are drawn from a fixed seed per copy, not the run's seed: a copy's slices, and so its cached code
 grids, are the same for every run on the same data.
