@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from brainvq.codes import CodeGrids, code_grids
+from brainvq.codes import CodeGrids, code_grids, grids_name
 from brainvq.config import (
     DEMO_MINUTES,
     DEMO_VQVAE_SHARE,
@@ -37,7 +37,7 @@ from brainvq.config import (
 from brainvq.data.dataset import SliceDataset, SliceSet, load_split
 from brainvq.data.demo import make_demo_cohort
 from brainvq.data.layout import MASK_VALUES, mask_file_name, mask_folder, mask_pixels
-from brainvq.data.warp import warped_copy
+from brainvq.data.warp import training_variants, variant_dataset
 from brainvq.distributed import barrier, is_main, process_group
 from brainvq.errors import CheckpointError, ConfigError, DataError
 from brainvq.images import save_grid, save_png, to_uint8
@@ -107,10 +107,8 @@ def train_vqvae(data_dir: str | Path, run_dir: str | Path, *, model_config: VQVA
     model_config, train_config = _run_settings(run_dir, VQVAEConfig, model_config, train_config,
                                                resume=resume, overrides=resume_overrides, data_dir=data_dir)
     train_set = ConcatDataset([_slice_dataset(train_slices, model_config, data_dir),
-                               *([SliceDataset(train_slices, mirrored=True)] if train_config.mirror else []),
-                               *[SliceDataset(warped_copy(train_slices, copy, mirrored=mirrored))
-                                 for copy in range(train_config.warped_copies or 0)
-                                 for mirrored in ((False, True) if train_config.mirror else (False,))]])
+                               *[variant_dataset(train_slices, copy, mirrored) for copy, mirrored
+                                 in training_variants(train_config.mirror, train_config.warped_copies or 0)]])
     validation_set = _slice_dataset(load_split(data_dir, "validate", progress=progress), model_config, data_dir)
     with process_group(train_config.device) as device:
         seed_everything(train_config.seed)  # the initial weights
@@ -279,12 +277,8 @@ def _all_code_grids(run_dir: Path, data_dir: Path, train_config: TrainConfig, *,
                           **variant)
 
     grids = {split: grids_of(split) for split in ("train", "validate", "test")}
-    mirrors = (False, True) if train_config.mirror else (False,)
-    for copy in [None, *range(train_config.warped_copies or 0)]:
-        for mirrored in mirrors:
-            if copy is not None or mirrored:
-                name = "train" + (f"_warped{copy}" if copy is not None else "") + ("_mirrored" if mirrored else "")
-                grids[name] = grids_of("train", mirrored=mirrored, warped=copy)
+    for copy, mirrored in training_variants(train_config.mirror, train_config.warped_copies or 0):
+        grids[grids_name("train", mirrored=mirrored, warped=copy)] = grids_of("train", mirrored=mirrored, warped=copy)
     return grids
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from brainvq.atomic import atomic_path, atomic_write_bytes, remove_stale_temporaries
 from brainvq.data.dataset import SliceDataset, load_split, prepare_batch
-from brainvq.data.warp import warped_copy
+from brainvq.data.warp import variant_dataset
 from brainvq.metrics.image import brain_mask
 from brainvq.metrics.samples import as_float_images
 from brainvq.models.outline import fill_holes
@@ -77,28 +77,31 @@ def encode_dataset(model: VQVAE, dataset: SliceDataset, *, device: torch.device,
     return torch.cat(grids).numpy()
 
 
+def grids_name(split: str, *, mirrored: bool = False, warped: int | None = None) -> str:
+    """The file name (without suffix) of a split's code grids in RUN/codes: `split`, `split`_mirrored,
+    `split`_warped<k>, `split`_warped<k>_mirrored."""
+    return split + (f"_warped{warped}" if warped is not None else "") + ("_mirrored" if mirrored else "")
+
+
 def code_grids(run_dir: Path, data_dir: str | Path, split: str, model: VQVAE, *, device: torch.device,
                precision: str, mirrored: bool = False, warped: int | None = None,
                outlines: bool = False) -> CodeGrids:
     """The cached code grids of `split` (with `mirrored`: of its slices mirrored left-right; with `warped`: of
     that warped copy of them, data/warp.py; each cached apart), (re)made if missing or stale; with `outlines`, the
     slices' outlines too (seconds for a few thousand slices, so only for a prior that uses them)."""
-    slices = load_split(data_dir, split)
-    if warped is not None:  # mirrored, if asked, before it is warped: the copy's slices are as they are encoded
-        slices, mirrored_slices = warped_copy(slices, warped, mirrored=mirrored), False
-    else:
-        mirrored_slices = mirrored
+    dataset = variant_dataset(load_split(data_dir, split), warped, mirrored)
+    slices = dataset.slices
     folder = Path(run_dir) / CODES_FOLDER
-    name = split + (f"_warped{warped}" if warped is not None else "") + ("_mirrored" if mirrored else "")
+    name = grids_name(split, mirrored=mirrored, warped=warped)
     codes_path, index_path = folder / f"{name}.npy", folder / f"{name}.json"
     made_by = {"checkpoint_sha256": _sha256(Path(run_dir) / BEST_CHECKPOINT), "slices_key": slices.key}
-    made_outlines = (slice_outlines(slices.images, model.config.grid_size, mirrored=mirrored_slices) if outlines
+    made_outlines = (slice_outlines(slices.images, model.config.grid_size, mirrored=dataset.mirrored) if outlines
                      else None)
     cached = _read_cache(codes_path, index_path, made_by, len(slices.files))
     if cached is not None:
         return CodeGrids(*cached, split, made_outlines)
     remove_stale_temporaries(folder)  # of a remake cut short by a kill
-    codes = encode_dataset(model, SliceDataset(slices, mirrored=mirrored_slices), device=device, precision=precision)
+    codes = encode_dataset(model, dataset, device=device, precision=precision)
     with atomic_path(codes_path) as temporary, open(temporary, "wb") as handle:
         np.save(handle, codes)
     index = {"made_by": made_by, "case_ids": slices.case_ids, "slice_indices": slices.slice_indices.tolist()}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brainvq.data.dataset import SliceSet
+from brainvq.data.dataset import SliceDataset, SliceSet
 
 MAX_ROTATION_DEGREES = 8.0
 MAX_SCALE_CHANGE = 0.08  # the slice is scaled by 1 - this .. 1 + this
@@ -76,3 +76,19 @@ def warped_copy(slices: SliceSet, copy: int, *, mirrored: bool = False, batch: i
     labels = None if slices.labels is None else warped(slices.labels, nearest=True)
     key = f"{slices.key}-warp{WARP_VERSION}-{copy}{'-mirrored' if mirrored else ''}"
     return dataclasses.replace(slices, images=warped(slices.images, nearest=False), labels=labels, key=key)
+
+
+def training_variants(mirror: bool, warped_copies: int) -> list[tuple[int | None, bool]]:
+    """The extra versions of the training slices a run also trains on, as (warped copy or None, mirrored): their
+    mirror images with `mirror`, and each of `warped_copies` warped copies of them (and of the mirror images)."""
+    mirrors = (False, True) if mirror else (False,)
+    return [(copy, mirrored) for copy in (None, *range(warped_copies)) for mirrored in mirrors
+            if copy is not None or mirrored]
+
+
+def variant_dataset(slices: SliceSet, copy: int | None, mirrored: bool) -> SliceDataset:
+    """`slices` as one version (see `training_variants`): warped copy `copy` (None: as they are), mirrored
+    left-right first with `mirrored`."""
+    if copy is None:
+        return SliceDataset(slices, mirrored=mirrored)
+    return SliceDataset(warped_copy(slices, copy, mirrored=mirrored))
