@@ -460,6 +460,7 @@ def test_a_prior_of_another_vqvae_is_refused(run: Path, tmp_path: Path, capsys: 
     (["sample", "r", "--out", "o", "--n", "0"], "argument --n: must be a positive integer"),
     (["sample", "r", "--out", "o", "--top-k", "0"], "argument --top-k: must be a positive integer"),
     (["sample", "r", "--out", "o", "--guidance", "-1"], "argument --guidance: must be"),
+    (["sample", "r", "--out", "o", "--outline-temperature", "-1"], "argument --outline-temperature: must be"),
     (["sample", "r", "--out", "o", "--seed", "-1"], "argument --seed: must be in 0..4294967295"),
     (["data", "demo", "--out", "o", "--seed", str(2**64)], "argument --seed: must be in 0..4294967295"),
     (["evaluate-samples", "r", "--n", "many"], "argument --n: invalid sample_count value: 'many'"),

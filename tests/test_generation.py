@@ -15,11 +15,18 @@ from PIL import Image
 from brainvq import api
 from brainvq.cli import main
 from brainvq.codes import encode_dataset, slice_outlines
-from brainvq.config import PRIOR_OUTLINE_MODES, SAMPLING_TEMPERATURE, TrainConfig, VQVAEConfig
+from brainvq.config import (
+    OUTLINE_TEMPERATURE,
+    PRIOR_OUTLINE_MODES,
+    SAMPLING_TEMPERATURE,
+    TrainConfig,
+    VQVAEConfig,
+)
 from brainvq.data.dataset import SliceDataset, load_split
 from brainvq.data.warp import warped_copy
 from brainvq.errors import ConfigError
 from brainvq.images import load_png
+from brainvq.models.outline import fill_holes
 from brainvq.models.pixelcnn import POSITION_LOGIT_SMOOTHING, PixelCNNConfig
 from brainvq.report import write_report
 from brainvq.sampling import sample_fast
@@ -148,10 +155,17 @@ def test_the_prior_draws_each_slices_outline_first_from_a_shape_model_of_the_tra
         return sample_fast(*args, context=context, **kwargs)
 
     monkeypatch.setattr(api, "sample_fast", recording_sampler)
-    api.generate(trained_run, 3, seed=7, slice_position=[5, 16, 27])
-    expected = prior.draw_outlines(torch.tensor([5, 16, 27]), 3, torch.Generator().manual_seed(7),
-                                   temperature=SAMPLING_TEMPERATURE)
-    assert torch.equal(sampled_with["context"], expected)
+    for options, temperature in (({}, OUTLINE_TEMPERATURE), ({"outline_temperature": 0.3}, 0.3)):
+        generated = api.generate(trained_run, 3, seed=7, slice_position=[5, 16, 27], **options)
+        expected = prior.draw_outlines(torch.tensor([5, 16, 27]), 3, torch.Generator().manual_seed(7),
+                                       temperature=temperature)
+        assert torch.equal(sampled_with["context"], expected) and torch.equal(generated.outlines, expected)
+    # At outline temperature 0 every seed draws each position's mean outline.
+    means = [api.generate(trained_run, 2, seed=seed, slice_position=[5, 27], outline_temperature=0).outlines
+             for seed in (1, 2)]
+    assert torch.equal(means[0], means[1])
+    assert torch.equal(means[0], fill_holes(prior.outline.mean[[5, 27]] < 0))
+    assert not torch.equal(means[0][0], means[0][1])  # two positions, two different means
 
 
 def test_sample_writes_pngs_and_a_grid_and_fast_equals_naive(trained_run, tmp_path):
@@ -173,7 +187,8 @@ def test_same_seed_same_samples_and_bad_options_are_refused(trained_run):
     assert first.positions.tolist() == second.positions.tolist()
     for options, message in (({"temperature": 0}, "temperature"), ({"top_k": 33}, "top_k"),
                              ({"slice_position": 32}, "slice position"), ({"method": "slow"}, "method"),
-                             ({"guidance": -1.0}, "guidance"), ({"guidance": 2.0}, "position_dropout")):
+                             ({"guidance": -1.0}, "guidance"), ({"guidance": 2.0}, "position_dropout"),
+                             ({"outline_temperature": -0.5}, "outline temperature")):
         with pytest.raises(ConfigError, match=message):
             api.generate(trained_run, 1, **options)
 
@@ -185,18 +200,18 @@ def test_cli_sample_rejects_invalid_values_with_one_line(trained_run, tmp_path, 
         main(["sample", str(trained_run), "--out", str(tmp_path), "--temperature", "0"])
 
 
-def test_evaluate_samples_draws_with_the_temperature_top_k_and_guidance_given(trained_run, monkeypatch):
+def test_evaluate_samples_draws_with_the_temperatures_top_k_and_guidance_given(trained_run, monkeypatch):
     class Drawn(Exception):
         pass
 
     def spying_generate(run_dir, n, **options):
-        raise Drawn(options["temperature"], options["top_k"], options["guidance"])
+        raise Drawn(options["temperature"], options["top_k"], options["guidance"], options["outline_temperature"])
 
     monkeypatch.setattr(api, "generate", spying_generate)
     with pytest.raises(Drawn) as drawn:
         main(["evaluate-samples", str(trained_run), "--n", "4", "--temperature", "0.8", "--top-k", "5",
-              "--guidance", "1.5"])
-    assert drawn.value.args == (0.8, 5, 1.5)
+              "--guidance", "1.5", "--outline-temperature", "0.3"])
+    assert drawn.value.args == (0.8, 5, 1.5, 0.3)
 
 
 class ImageCounter(HTMLParser):
@@ -230,7 +245,9 @@ def test_evaluate_samples_then_report(trained_run, tiny_cohort):
     assert results["frechet"]["n_per_side"] == 16
     assert set(results["diversity_ms_ssim"]) == set(results["nearest_train_ssim"]) == {"samples", "real_test"}
     assert results["prior_nll_bits_per_code"] > 0
-    assert (results["temperature"], results["top_k"]) == (SAMPLING_TEMPERATURE, None)  # the sampling settings measured
+    # the sampling settings measured
+    assert (results["temperature"], results["top_k"], results["outline_temperature"]) == (
+        SAMPLING_TEMPERATURE, None, OUTLINE_TEMPERATURE)
     assert (trained_run / "samples_grid.png").exists()
     # The samples were asked for at positions 0..15 (sample i at i % 32), one of each: samples_by_position.png
     # shows all 16 in two full rows, and each generated row of real_vs_generated_by_position.png sits below the
@@ -252,7 +269,9 @@ def test_evaluate_samples_then_report(trained_run, tiny_cohort):
     # real vs generated, sample grid, samples by position, reconstructions, curves, codebook histogram
     assert counter.embedded == 6 and counter.external == []
     assert "No " not in text  # every section found its inputs
-    assert f"16 samples, temperature {SAMPLING_TEMPERATURE:g}" in text  # how the measured samples were drawn
+    # how the measured samples were drawn
+    assert (f"16 samples, temperature {SAMPLING_TEMPERATURE:g}, outlines at temperature {OUTLINE_TEMPERATURE:g}"
+            in text)
     # The headline figures come first, the settings last.
     assert text.index("Headline figures") < text.index("Generated slices") < text.index("Settings")
 

@@ -22,6 +22,7 @@ from brainvq.codes import CodeGrids, code_grids, grids_name
 from brainvq.config import (
     DEMO_MINUTES,
     DEMO_VQVAE_SHARE,
+    OUTLINE_TEMPERATURE,
     PRIOR_OUTLINE_MODES,
     SAMPLES_EVALUATED,
     SAMPLING_GUIDANCE,
@@ -286,29 +287,34 @@ def _all_code_grids(run_dir: Path, data_dir: Path, train_config: TrainConfig, *,
 class Generated:
     """What `generate` made, on the CPU: images float32 [n, 1, S, S] in [0, 1], their label maps (class indices
     int64 [n, S, S]) where the VQ-VAE is joint, else None, the slice positions [n], the guidance they were drawn
-    with, and the seconds taken."""
+    with, the seconds taken, and the outlines drawn first (int64 [n, G, G]) by a prior with an outline model, else
+    None."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
     positions: torch.Tensor
     guidance: float
     seconds: float
+    outlines: torch.Tensor | None = None
 
 
 def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float = SAMPLING_TEMPERATURE,
              top_k: int | None = None, guidance: float | None = None,
-             slice_position: int | list[int] | None = None, method: str = "fast", device: str = "auto",
-             progress: bool = True) -> Generated:
+             outline_temperature: float = OUTLINE_TEMPERATURE, slice_position: int | list[int] | None = None,
+             method: str = "fast", device: str = "auto", progress: bool = True) -> Generated:
     """Sample `n` code grids from the run's prior and decode them with its VQ-VAE (into slices and, for a joint
     VQ-VAE, their label maps).
 
     Slice positions: `slice_position` for every sample, one per sample when a list, or drawn uniformly from
-    the prior's positions (0..31 for OASIS) when None. `guidance`: None for the prior's default (`prior_guidance`)."""
+    the prior's positions (0..31 for OASIS) when None. `guidance`: None for the prior's default (`prior_guidance`).
+    `outline_temperature`: of the outline model's draws, for a prior with one (0: each position's mean outline)."""
     samplers = {"fast": sample_fast, "naive": sample_naive}
     if method not in samplers:
         raise ConfigError(f"method must be 'fast' or 'naive', not {method!r}")
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, not {temperature}")
+    if not outline_temperature >= 0:
+        raise ConfigError(f"outline temperature must be >= 0, not {outline_temperature}")
     if guidance is not None and not guidance >= 0:
         raise ConfigError(f"guidance must be >= 0, not {guidance}")
     run_dir = Path(run_dir)
@@ -327,9 +333,8 @@ def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float =
         if len(bad):
             raise ConfigError(f"slice position must be in 0..{prior.config.positions - 1}, not {int(bad[0])}")
     started = time.perf_counter()
-    # A prior with an outline model draws each slice's outline first (at the same temperature), then the codes
-    # inside it.
-    outlines = (prior.draw_outlines(positions, n, generator, temperature=temperature).to(torch_device)
+    # A prior with an outline model draws each slice's outline first, then the codes inside it.
+    outlines = (prior.draw_outlines(positions, n, generator, temperature=outline_temperature).to(torch_device)
                 if prior.config.outline_modes else None)
     uniforms = draw_uniforms(n, vqvae.config.grid_size, generator)
     with tf32_off():  # so that fast and naive sampling agree on CUDA too (runtime.tf32_off says why)
@@ -338,7 +343,7 @@ def generate(run_dir: str | Path, n: int, *, seed: int = 0, temperature: float =
                                  context=outlines)
     images, labels = vqvae.to(torch_device).decode(codes)
     return Generated(images.cpu(), None if labels is None else labels.cpu(), positions, guidance,
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, None if outlines is None else outlines.cpu())
 
 
 def prior_guidance(prior: GatedPixelCNN) -> float:
@@ -366,9 +371,11 @@ def sample(run_dir: str | Path, n: int, out_dir: str | Path, **options: Any) -> 
 
 def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None, n: int = SAMPLES_EVALUATED,
                      seed: int = 0, temperature: float = SAMPLING_TEMPERATURE, top_k: int | None = None,
-                     guidance: float | None = None, device: str = "auto", fid_weights: str | Path | None = None,
+                     guidance: float | None = None, outline_temperature: float = OUTLINE_TEMPERATURE,
+                     device: str = "auto", fid_weights: str | Path | None = None,
                      progress: bool = True) -> dict[str, Any]:
-    """How far `n` samples (drawn with `temperature`, `top_k` and `guidance`, as `generate` does) are from real
+    """How far `n` samples (drawn with `temperature`, `top_k`, `guidance` and `outline_temperature`, as `generate`
+    does) are from real
     slices, each measure beside the same measure on real slices; writes RUN/eval_samples.json, samples_grid.png,
     samples_by_position.png and real_vs_generated_by_position.png, and returns the figures. The samples cover
     every slice position equally (position i % positions for sample i).
@@ -399,7 +406,8 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
     prior, _ = load_prior(run_dir)
     positions = torch.arange(n) % prior.config.positions
     generated = generate(run_dir, n, seed=seed, temperature=temperature, top_k=top_k, guidance=guidance,
-                         slice_position=positions.tolist(), device=device, progress=progress)
+                         outline_temperature=outline_temperature, slice_position=positions.tolist(), device=device,
+                         progress=progress)
     samples = generated.images
     splits = {split: load_split(data_dir, split) for split in ("train", "validate", "test")}
     vqvae, _, vqvae_device, precision = _ready_vqvae(run_dir, device, None)
@@ -409,7 +417,8 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
         return torch.cat([batch.reconstructions for batch in reconstruct_batches(
             vqvae, dataset, device=vqvae_device, precision=precision)])
 
-    results = {"n_generated": n, "temperature": temperature, "top_k": top_k, "guidance": generated.guidance}
+    results = {"n_generated": n, "temperature": temperature, "top_k": top_k, "guidance": generated.guidance,
+               "outline_temperature": outline_temperature if prior.config.outline_modes else None}
     results |= measure_samples(samples, positions, splits, datasets, reconstructed,
                                positions_count=prior.config.positions, seed=seed)
     results |= {"prior_nll_bits_per_code": prior_nll, "seconds_per_generated_image": generated.seconds / n}

@@ -20,6 +20,7 @@ from brainvq.config import (
     DEVICE_NAMES,
     MAX_SEED,
     MAX_WARPED_COPIES,
+    OUTLINE_TEMPERATURE,
     PRIOR_BATCH_SIZE,
     PRIOR_MIRROR,
     PRIOR_OUTLINE_MODES,
@@ -115,10 +116,13 @@ def minutes(text: str) -> float:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """--temperature, --top-k and --guidance, for `sample` and for `evaluate-samples` (which measures samples drawn
-    so)."""
+    """--temperature, --outline-temperature, --top-k and --guidance, for `sample` and for `evaluate-samples` (which
+    measures samples drawn so)."""
     parser.add_argument("--temperature", type=positive_float, default=SAMPLING_TEMPERATURE,
                         help=f"softmax temperature (> 0; default {SAMPLING_TEMPERATURE:g})")
+    parser.add_argument("--outline-temperature", type=non_negative_number, default=OUTLINE_TEMPERATURE, metavar="T",
+                        help="temperature of the outline model's draws, for a prior with one (0: each slice "
+                             f"position's mean outline; default {OUTLINE_TEMPERATURE:g})")
     parser.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codes")
     parser.add_argument("--guidance", type=non_negative_number, default=None, metavar="G",
                         help="classifier-free guidance by the slice position: 1 samples the conditional prior, "
@@ -428,8 +432,8 @@ def run_sample(args: argparse.Namespace) -> None:
     from brainvq import api
 
     made = api.sample(args.run, args.n, args.out, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                      guidance=args.guidance, slice_position=args.slice_position, method=args.method,
-                      device=args.device)
+                      guidance=args.guidance, outline_temperature=args.outline_temperature,
+                      slice_position=args.slice_position, method=args.method, device=args.device)
     what = "samples with their label maps (_seg.png)" if made["labelled"] else "samples"
     print(f"wrote {made['n']} {what} and samples_grid.png to {args.out} in {made['seconds']:.1f} s "
           f"({args.method} sampling)")
@@ -456,7 +460,8 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
 
     print(json.dumps(api.evaluate_samples(args.run, data_dir=args.data, n=args.n, seed=args.seed,
                                           temperature=args.temperature, top_k=args.top_k,
-                                          guidance=args.guidance, device=args.device,
+                                          guidance=args.guidance, outline_temperature=args.outline_temperature,
+                                          device=args.device,
                                           fid_weights=args.fid_weights), indent=2))
 
 

@@ -66,6 +66,13 @@ DEMO_VQVAE_SHARE = 0.45
 # varied than real slices (mean MS-SSIM 0.53 against 0.57), with more holes and fragments; at 0.8 their variety
 # matched real slices' (0.567 against 0.565) and the Fréchet distance fell from 2.1x to 1.7x real's.
 SAMPLING_TEMPERATURE = 0.8
+# Temperature of the outline model's draws (models/outline.py: each mode's weight ~ N(0, T^2)), set apart from the
+# codes'. At 0.8 some of the lowest positions' outlines have narrow frontal spikes, detached pieces and bites; at
+# 0.5 they are compact and whole, but the outlines vary less than real ones: on the CPU demo's prior the C2ST
+# against reconstructions rose from 0.49 to 0.66 and the Fréchet distance from 0.78x to 1.19x real's, with as many
+# malformed low slices (there the codes make them). After 3x the prior's minutes the outlines make most of them
+# (benchmarks/RESULTS.md, "the outline's temperature"), so 0.5 is for longer-trained priors.
+OUTLINE_TEMPERATURE = 0.8
 # Classifier-free guidance (Ho & Salimans 2022) that `sample` and `evaluate-samples` use for a prior trained with
 # `position_dropout` (others sample at 1, the plain conditional prior): logits = unconditional + guidance x
 # (conditional - unconditional). On such a prior after the CPU demo's 8.5 minutes, guidance 1 / 1.25 / 1.5 / 2 gave

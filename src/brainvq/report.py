@@ -203,6 +203,8 @@ def _headline(run_dir: Path) -> str:
     drawn = f"{results['n_generated']} samples, temperature {results.get('temperature', 1.0):g}"
     drawn += f", top-k {results['top_k']}" if results.get("top_k") else ""
     drawn += f", guidance {results['guidance']:g}" if results.get("guidance", 1.0) != 1.0 else ""
+    drawn += (f", outlines at temperature {results['outline_temperature']:g}"
+              if results.get("outline_temperature") is not None else "")
     return (f"<table><tr><th>measure ({drawn})</th><th>generated</th>"
             f"<th>real (same measure)</th></tr>{body}</table>{recon}"
             "<p>C2ST: trained on samples against one held-out split's subjects, scored on other samples against the "
