@@ -14,7 +14,7 @@ from PIL import Image
 
 from brainvq import api
 from brainvq.cli import main
-from brainvq.codes import encode_dataset, slice_outlines
+from brainvq.codes import encode_dataset, grids_name, slice_outlines
 from brainvq.config import (
     OUTLINE_TEMPERATURE,
     PRIOR_OUTLINE_MODES,
@@ -23,7 +23,7 @@ from brainvq.config import (
     VQVAEConfig,
 )
 from brainvq.data.dataset import SliceDataset, load_split
-from brainvq.data.warp import warped_copy
+from brainvq.data.warp import training_variants, warped_copy
 from brainvq.errors import ConfigError
 from brainvq.images import load_png
 from brainvq.models.outline import fill_holes
@@ -101,10 +101,8 @@ def test_the_prior_trains_on_the_grids_of_the_training_slices_their_mirror_image
 
 def test_the_prior_starts_from_the_code_frequencies_of_its_training_grids(trained_run, tiny_cohort):
     train = load_split(tiny_cohort, "train")
-    variants = [(None, False), (None, True), *[(copy, mirrored) for copy in range(WARPED_COPIES)
-                                              for mirrored in (False, True)]]
-    names = ["train" + (f"_warped{copy}" if copy is not None else "") + ("_mirrored" if mirrored else "")
-             for copy, mirrored in variants]
+    variants = [(None, False), *training_variants(True, WARPED_COPIES)]  # the order the prior's training set has
+    names = [grids_name("train", mirrored=mirrored, warped=copy) for copy, mirrored in variants]
     codes = np.concatenate([np.load(trained_run / "codes" / f"{name}.npy") for name in names]).astype(np.int64)
     positions = np.array(json.loads((trained_run / "codes" / "train.json").read_text())["slice_indices"] * len(names))
     outlines = np.concatenate([slice_outlines(train.images, 32, mirrored=mirrored) if copy is None

@@ -375,10 +375,9 @@ def evaluate_samples(run_dir: str | Path, *, data_dir: str | Path | None = None,
                      device: str = "auto", fid_weights: str | Path | None = None,
                      progress: bool = True) -> dict[str, Any]:
     """How far `n` samples (drawn with `temperature`, `top_k`, `guidance` and `outline_temperature`, as `generate`
-    does) are from real
-    slices, each measure beside the same measure on real slices; writes RUN/eval_samples.json, samples_grid.png,
-    samples_by_position.png and real_vs_generated_by_position.png, and returns the figures. The samples cover
-    every slice position equally (position i % positions for sample i).
+    does) are from real slices, each measure beside the same measure on real slices; writes RUN/eval_samples.json,
+    samples_grid.png, samples_by_position.png and real_vs_generated_by_position.png, and returns the figures. The
+    samples cover every slice position equally (position i % positions for sample i).
 
     - "c2st": subject-disjoint classifier two-sample tests (metrics/samples.py): samples against real slices of
       the validation and test subjects, raw and as VQ-VAE reconstructions (which separates the prior's errors
