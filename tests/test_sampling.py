@@ -10,17 +10,19 @@ from brainvq.sampling import choose_codes, draw_uniforms, guided_logits, sample_
 
 def trained_looking_model(conditional: bool = True, grid_size: int = 8, attention_layers: int = 2,
                           attention_block: int = 2, context_grid_size: int = 0,
-                          position_template: int = 0, outline_modes: int = 0) -> GatedPixelCNN:
+                          position_template: int = 0, outline_modes: int = 0, windowed: bool = False) -> GatedPixelCNN:
     """Random weights scaled up so that logits are far from uniform, as after training; zero-initialised parts
     (conditioning, location projection, position maps and logits, the head's output, attention output) made
     non-zero so that they count.
     With `context_grid_size`, the prior is conditioned on a context grid of that side and 3 codes; with
-    `outline_modes`, on an outline, with its position logits framed by the outline's box."""
+    `outline_modes`, on an outline, with its position logits framed by the outline's box (and run on the window
+    around the outlines with `windowed`)."""
     torch.manual_seed(0)
     config = PixelCNNConfig(codebook_size=8, channels=16, layers=3, conditional=conditional, grid_size=grid_size,
                             attention_layers=attention_layers, attention_block=attention_block,
                             context_codebook_size=3 if context_grid_size else 0, context_grid_size=context_grid_size,
-                            position_template=position_template, position_dropout=0.1, outline_modes=outline_modes)
+                            position_template=position_template, position_dropout=0.1, outline_modes=outline_modes,
+                            windowed=windowed)
     model = GatedPixelCNN(config).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.conditioning.weight)
@@ -173,3 +175,24 @@ def test_samples_depend_on_the_context():
                            sample_fast(model, uniforms, positions, context=twos))
     with pytest.raises(ConfigError, match="needs a context"):
         sample_fast(model, uniforms, positions)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_a_windowed_prior_samples_only_its_window_fast_as_naive(guidance):
+    model = trained_looking_model(grid_size=16, attention_layers=1, outline_modes=2, windowed=True)
+    uniforms = draw_uniforms(3, 16, torch.Generator().manual_seed(1))
+    positions = torch.tensor([0, 9, 20])
+    outlines = torch.zeros(3, 16, 16, dtype=torch.int64)
+    for outline, (top, left, side) in zip(outlines, [(5, 5, 4), (6, 4, 3), (7, 7, 2)], strict=True):
+        outline[top:top + side, left:left + side] = 1
+    model.background_codes.copy_(torch.arange(8) < 2)
+    window = model.window_of(outlines)
+    assert window.height * window.width < 16 * 16 / 2
+    naive = sample_naive(model, uniforms, positions, context=outlines, guidance=guidance)
+    fast = sample_fast(model, uniforms, positions, context=outlines, guidance=guidance)
+    assert torch.equal(fast, naive)
+    assert set(naive[outlines == 0].tolist()) == {0, 1} and naive[outlines == 1].max() > 1
+    # Outside the window nothing is drawn: other random numbers there change nothing.
+    others = draw_uniforms(3, 16, torch.Generator().manual_seed(2))
+    others[:, window.rows, window.columns] = uniforms[:, window.rows, window.columns]
+    assert torch.equal(sample_fast(model, others, positions, context=outlines, guidance=guidance), fast)

@@ -189,6 +189,12 @@ class PixelCNNConfig:
     # brain lies beyond the outline. Like top-k it only narrows what sampling draws: training and the NLL are the
     # same. Priors written before it existed draw every code outside the outline.
     outline_background: bool = field(default=True, metadata={ABSENT_MEANS: False})
+    # With an outline model: the network runs on each batch's window, the box around its slices' outlines (plus
+    # WINDOW_MARGIN cells, on whole attention blocks), not on the whole grid; outside it sampling puts each place's
+    # likeliest background code (`GatedPixelCNN.window_of`). Fewer codes a step: at batch 2 on the demo cohort a
+    # window covers about 55% of the grid. Off by default until measured at the demo's budget; priors written
+    # before it existed run on the whole grid.
+    windowed: bool = field(default=False, metadata={ABSENT_MEANS: False})
 
     def validate(self) -> None:
         # Upper bounds too: a tampered prior/config.json must not make the constructor allocate gigabytes.
@@ -224,6 +230,10 @@ class PixelCNNConfig:
             if self.location_channels == 0:
                 # The context is added to the learnt location map: without one it has nowhere to enter.
                 raise ConfigError("a context (context_grid_size > 0 or outline_modes > 0) needs location_channels > 0")
+        if self.windowed and not self.keeps_background:
+            # The window is the outlines' box, and what lies outside it is filled with background codes.
+            raise ConfigError("a windowed prior (windowed = true) needs an outline model that keeps the background "
+                              "(outline_modes > 0 and outline_background)")
         if self.position_template and (not self.position_logits or self.location_channels == 0):
             # The template is read from the position logits and enters where the location map does.
             raise ConfigError("a position template (position_template > 0) needs position_logits and "

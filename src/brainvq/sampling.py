@@ -6,7 +6,9 @@ Two samplers give the same code grids for the same random numbers:
   the vertical stack of every layer is computed once for that row (it only sees rows above); per position,
   only the horizontal stack at that position is computed, from cached features of the positions to its left.
 Both draw all their random numbers up front (one uniform per position) and turn logits into a code with the
-same inverse-CDF rule, so any difference between them would be a bug, which a test checks bit for bit.
+same inverse-CDF rule, so any difference between them would be a bug, which a test checks bit for bit. A windowed
+prior samples only the window around the batch's outlines (`GatedPixelCNN.window_of`), each place with its own
+uniform of the whole grid, and puts background codes outside it (`GatedPixelCNN.complete`).
 
 With `guidance` g != 1 (classifier-free guidance, Ho & Salimans 2022) both run the batch twice over, once with
 the slice positions and once with NO_POSITION, and draw each code from unconditional + g (conditional -
@@ -85,19 +87,22 @@ def sample_naive(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.
                  temperature: float = 1.0, top_k: int | None = None, guidance: float = 1.0, progress: bool = False,
                  context: torch.Tensor | None = None) -> torch.Tensor:
     """uniforms [B, G, G] (and a context [B, Gc, Gc] int64 for a prior that takes one) -> code grids [B, G, G],
-    by a full forward pass per position (a progress bar over the rows with `progress`)."""
-    batch, size, _ = uniforms.shape
+    by a full forward pass (over the window, for a windowed prior) per position (a progress bar over the rows with
+    `progress`)."""
+    batch = len(uniforms)
     device = next(model.parameters()).device
+    window = model.window_of(context)
     allowed = model.allowed_codes(context)  # [B, K, G, G] or None
-    positions, context, copies = guided_inputs(model, positions, context, guidance)
-    codes = torch.zeros(copies * batch, size, size, dtype=torch.int64, device=device)
-    for row in _rows(size, progress):
-        for column in range(size):
-            logits = guided_logits(model(codes, positions, context)[:, :, row, column], guidance)
-            chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature, top_k=top_k,
-                                  allowed=_at(allowed, row, column))
+    run_positions, run_context, copies = guided_inputs(model, positions, context, guidance)
+    codes = torch.zeros(copies * batch, window.height, window.width, dtype=torch.int64, device=device)
+    for row in _rows(window.height, progress):
+        for column in range(window.width):
+            logits = guided_logits(model(codes, run_positions, run_context, window)[:, :, row, column], guidance)
+            place = (window.top + row, window.left + column)
+            chosen = choose_codes(logits, uniforms[:, place[0], place[1]].to(device), temperature=temperature,
+                                  top_k=top_k, allowed=_at(allowed, *place))
             codes[:, row, column] = chosen.repeat(copies)
-    return codes[:batch]
+    return model.complete(codes[:batch], window, positions, context)
 
 
 @torch.no_grad()
@@ -114,51 +119,55 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
         raise ConfigError(f"cannot sample {size}x{size} grids from a prior of {model.config.grid_size}x"
                           f"{model.config.grid_size} grids")
     device = next(model.parameters()).device
+    window = model.window_of(context)  # the whole grid unless the prior is windowed
+    height, width = window.height, window.width
     allowed = model.allowed_codes(context)  # [B, K, G, G] or None
-    positions, context, copies = guided_inputs(model, positions, context, guidance)
+    run_positions, run_context, copies = guided_inputs(model, positions, context, guidance)
     batch = copies * len(uniforms)  # what the network runs on
     channels, reach, depth = model.config.channels, model.reach, len(model.layers)
-    model.check_context(context, batch)
-    conditioning = model.condition_vectors(positions, batch, device)  # [layers, B, 2C]
-    position_map = model.position_map(positions, batch)  # [B or 1, C, G, G]
-    output_bias = model.output_bias(positions, batch, context)  # [B or 1, K, G, G]
-    codes = torch.zeros(batch, size, size, dtype=torch.int64, device=device)
+    model.check_context(run_context, batch)
+    conditioning = model.condition_vectors(run_positions, batch, device)  # [layers, B, 2C]
+    here = (..., window.rows, window.columns)
+    position_map = model.position_map(run_positions, batch)[here]  # [B or 1, C, H, W]
+    output_bias = model.output_bias(run_positions, batch, run_context)[here]  # [B or 1, K, H, W]
+    codes = torch.zeros(batch, height, width, dtype=torch.int64, device=device)
     # Embedded codes and each layer's vertical-stack input, zero-padded `reach` above and on both sides,
-    # exactly as the full forward pass pads them; row r of the grid is row r + reach of these buffers.
-    embedded = torch.zeros(batch, channels, size + reach, size + 2 * reach, device=device)
+    # exactly as the full forward pass pads them; row r of the window is row r + reach of these buffers.
+    embedded = torch.zeros(batch, channels, height + reach, width + 2 * reach, device=device)
     vertical = [torch.zeros_like(embedded) for _ in range(depth)]
-    # Attention blocks by the index of the layer they precede: their input over the grid (tokens are made from
+    # Attention blocks by the index of the layer they precede: their input over the window (tokens are made from
     # it once a block row is complete) and the keys and values of the tokens made so far.
     attention = {int(index): block for index, block in model.attention.items()}
-    attention_inputs = {index: torch.zeros(batch, channels, size, size, device=device) for index in attention}
+    attention_inputs = {index: torch.zeros(batch, channels, height, width, device=device) for index in attention}
     caches = {index: block.nothing_yet_token(batch) for index, block in attention.items()}
 
-    for row in _rows(size, progress):
+    for row in _rows(height, progress):
         for index, block in attention.items():
             if row and row % block.block == 0:  # the block row just above is complete: add its tokens
                 rows = slice(row - block.block, row)
                 added = block.tokens(attention_inputs[index][:, :, rows],
-                                     embedded[:, :, rows.start + reach:rows.stop + reach, reach:reach + size],
-                                     row // block.block - 1)
+                                     embedded[:, :, rows.start + reach:rows.stop + reach, reach:reach + width],
+                                     (window.top + row) // block.block - 1, window.left // block.block)
                 caches[index] = tuple(torch.cat(pair, dim=2) for pair in zip(caches[index], added, strict=True))
         # Vertical stacks of this row: they only see rows above, all of which are final now.
-        v, first_link = model.first_vertical_step(embedded[:, :, row:row + reach])  # [B, C, 1, G]
-        vertical[0][:, :, row + reach, reach:reach + size] = v[:, :, 0]
+        v, first_link = model.first_vertical_step(embedded[:, :, row:row + reach])  # [B, C, 1, W]
+        vertical[0][:, :, row + reach, reach:reach + width] = v[:, :, 0]
         links, biases = [], []
-        locations = model.location_maps(context, positions, rows=slice(row, row + 1))  # [layers, (B,) 2C, 1, G]
-        for index, layer in enumerate(model.layers):
-            bias = layer_bias(conditioning[index], locations[index], v.dtype)  # [B, 2C, 1, G]
+        grid_row = slice(window.top + row, window.top + row + 1)
+        locations = model.location_maps(run_context, run_positions, rows=grid_row)[..., window.columns]
+        for index, layer in enumerate(model.layers):  # locations: [layers, (B,) 2C, 1, W]
+            bias = layer_bias(conditioning[index], locations[index], v.dtype)  # [B, 2C, 1, W]
             v, link = layer.vertical_step(vertical[index][:, :, row:row + reach + 1], bias)
             links.append(link)
             biases.append(bias)
             if index + 1 < depth:
-                vertical[index + 1][:, :, row + reach, reach:reach + size] = v[:, :, 0]
+                vertical[index + 1][:, :, row + reach, reach:reach + width] = v[:, :, 0]
         # Horizontal stacks, position by position; h_rows[i] holds layer i's input on this row, padded left.
-        h_rows = [torch.zeros(batch, channels, 1, size + reach, device=device) for _ in range(depth)]
-        for column in range(size):
-            here = slice(column, column + 1)
+        h_rows = [torch.zeros(batch, channels, 1, width + reach, device=device) for _ in range(depth)]
+        for column in range(width):
+            at = slice(column, column + 1)
             h = model.first_horizontal_step(embedded[:, :, row + reach:row + reach + 1, column:column + reach],
-                                            first_link[:, :, :, here])  # [B, C, 1, 1]
+                                            first_link[:, :, :, at])  # [B, C, 1, 1]
             skip = torch.zeros_like(h)
             for index, layer in enumerate(model.layers):
                 if index in attention:
@@ -166,11 +175,12 @@ def sample_fast(model: GatedPixelCNN, uniforms: torch.Tensor, positions: torch.T
                     h = attention[index].step(h[:, :, 0, 0], *caches[index])[:, :, None, None]
                 h_rows[index][:, :, :, column + reach] = h[:, :, :, 0]
                 h, contribution = layer.horizontal_step(h_rows[index][:, :, :, column:column + reach + 1], h,
-                                                        links[index][:, :, :, here], biases[index][:, :, :, here])
+                                                        links[index][:, :, :, at], biases[index][:, :, :, at])
                 skip = skip + contribution
-            logits = guided_logits(model.logits(skip, output_bias[:, :, row:row + 1, here])[:, :, 0, 0], guidance)
-            chosen = choose_codes(logits, uniforms[:, row, column].to(device), temperature=temperature,
-                                  top_k=top_k, allowed=_at(allowed, row, column)).repeat(copies)
+            logits = guided_logits(model.logits(skip, output_bias[:, :, row:row + 1, at])[:, :, 0, 0], guidance)
+            place = (window.top + row, window.left + column)
+            chosen = choose_codes(logits, uniforms[:, place[0], place[1]].to(device), temperature=temperature,
+                                  top_k=top_k, allowed=_at(allowed, *place)).repeat(copies)
             codes[:, row, column] = chosen
             embedded[:, :, row + reach, column + reach] = model.embed(chosen, position_map[:, :, row, column])
-    return codes[:len(uniforms)]
+    return model.complete(codes[:len(uniforms)], window, positions, context)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from brainvq.errors import ConfigError
-from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN, PixelCNNConfig, layer_bias
+from brainvq.models.pixelcnn import NO_POSITION, WINDOW_MARGIN, GatedPixelCNN, PixelCNNConfig, Window, layer_bias
 
 
 def input_gradients(model: GatedPixelCNN, codes: torch.Tensor, row: int, column: int) -> torch.Tensor:
@@ -331,3 +331,92 @@ def test_a_prior_without_position_logits_has_none_and_refuses_to_set_them():
     assert model.head[-1].weight.any()  # the network alone gives the output: its head is not zeroed
     with pytest.raises(ConfigError, match="no position logits"):
         model.init_position_logits(torch.zeros(1, 4, 4, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+
+
+def windowed_model() -> GatedPixelCNN:
+    """A small windowed prior over 16x16 grids (attention blocks of 2), with an outline model that keeps codes 0
+    and 1 as the background, its zero-initialised parts made non-zero."""
+    torch.manual_seed(0)
+    config = PixelCNNConfig(codebook_size=5, channels=8, layers=2, kernel_size=3, grid_size=16, attention_layers=1,
+                            attention_block=2, outline_modes=2, windowed=True)
+    model = GatedPixelCNN(config).double()
+    (attention,) = model.attention.values()
+    for parameter in (model.location_projection.weight, model.position_maps, model.position_logits,
+                      model.outline_logits, model.head[-1].weight, attention.output.weight, attention.token_place):
+        torch.nn.init.normal_(parameter)
+    model.background_codes.copy_(torch.arange(5) < 2)
+    return model
+
+
+def test_a_windowed_prior_runs_on_the_box_around_the_outlines_with_a_margin_on_whole_attention_blocks():
+    model = windowed_model()
+    outlines = torch.zeros(2, 16, 16, dtype=torch.int64)
+    outlines[0, 6:9, 7:10] = 1  # rows 6-8, columns 7-9
+    outlines[1, 7, 5] = 1  # row 7, column 5
+    assert WINDOW_MARGIN == 2
+    # Rows 6-8 widened by 2 to 4-10, onto blocks of 2: 4-11; columns 5-9 -> 3-11 -> 2-11.
+    assert model.window_of(outlines) == Window(top=4, left=2, height=8, width=10)
+    outlines[1, 15, 15] = 1  # the margin stops at the grid's edge
+    assert model.window_of(outlines) == Window(top=4, left=2, height=12, width=14)
+    assert model.window_of(torch.zeros(2, 16, 16, dtype=torch.int64)) == Window(0, 0, 16, 16)  # nothing inside
+    plain = GatedPixelCNN(dataclasses.replace(model.config, windowed=False))
+    assert plain.window_of(outlines) == Window(0, 0, 16, 16)
+    with pytest.raises(ConfigError, match="windowed"):
+        PixelCNNConfig(windowed=True).validate()  # no outline model: nothing to put a window around
+
+
+def test_a_windowed_forward_reads_every_learnt_map_at_the_windows_places_and_the_whole_grid_is_the_plain_one():
+    model = windowed_model()
+    codes, positions = torch.randint(0, 5, (2, 16, 16)), torch.tensor([3, 17])
+    outlines = torch.zeros(2, 16, 16, dtype=torch.int64)
+    outlines[:, 5:10, 4:9] = 1
+    with torch.no_grad():
+        whole = model(codes, positions, outlines)
+        assert torch.equal(model(codes, positions, outlines, Window(0, 0, 16, 16)), whole)
+        window = model.window_of(outlines)
+        assert window == Window(2, 2, 10, 10)
+        inside = model(codes[:, window.rows, window.columns], positions, outlines, window)
+        assert inside.shape == (2, 5, 10, 10)
+        # The window's edges are padded as the grid's are: the codes beyond them are not read.
+        assert not torch.equal(inside, whole[:, :, window.rows, window.columns])
+        # The same window's codes at another place of the grid: other learnt maps, other logits.
+        moved = Window(4, 4, 10, 10)
+        assert not torch.allclose(model(codes[:, window.rows, window.columns], positions, outlines, moved), inside)
+        with pytest.raises(ConfigError, match=r"here a 10x10 window"):
+            model(codes, positions, outlines, window)
+
+
+def test_a_windowed_forward_is_causal_within_its_window():
+    model = windowed_model()
+    outlines = torch.zeros(1, 16, 16, dtype=torch.int64)
+    outlines[0, 5:9, 5:9] = 1
+    window = model.window_of(outlines)
+    codes, positions = torch.randint(0, 5, (1, window.height, window.width)), torch.tensor([3])
+    count = window.height * window.width
+    with torch.no_grad():
+        logits = model(codes, positions, outlines, window).flatten(2)
+        for here in range(count):
+            changed = codes.clone().flatten()
+            changed[here] = (changed[here] + 1) % 5
+            other = model(changed.view_as(codes), positions, outlines, window).flatten(2)
+            assert torch.equal(other[:, :, :here + 1], logits[:, :, :here + 1]), f"position {here} leaks"
+            if here < count - 1:
+                assert not torch.equal(other[:, :, here + 1:], logits[:, :, here + 1:])
+
+
+def test_complete_puts_each_places_likeliest_background_code_outside_the_window():
+    model = windowed_model()
+    outlines = torch.zeros(2, 16, 16, dtype=torch.int64)
+    outlines[:, 6:9, 6:9] = 1
+    positions = torch.tensor([0, 30])
+    window = model.window_of(outlines)
+    inside = torch.full((2, window.height, window.width), 4)
+    with torch.no_grad():
+        whole = model.complete(inside, window, positions, outlines)
+        bias = model.output_bias(positions, 2, outlines)
+    assert torch.equal(whole[:, window.rows, window.columns], inside)
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[window.rows, window.columns] = False
+    expected = torch.where(bias[:, 0] >= bias[:, 1], 0, 1)  # the likelier of the two background codes
+    assert torch.equal(whole[:, outside], expected[:, outside])
+    assert len(whole[:, outside].unique()) == 2  # the output bias differs between places and positions

@@ -17,6 +17,8 @@ a batch of 16 grids took 5-19 s a layer (forward and backward) against 1.2 s for
 257 tokens it takes 0.2-0.3 s (benchmarks/RESULTS.md, "Prior designs").
 
 Shapes: features [B, C, G, G]; tokens [B, heads, T, C / heads] with T = (G / block)^2 (+1 for "nothing yet").
+A windowed prior runs the block on a window of the grid [B, C, H, W] whose corner lies on a block: its tokens
+are the window's blocks, each with the learnt embedding of its place in the whole grid.
 """
 
 from __future__ import annotations
@@ -26,14 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def allowed_tokens(grid_size: int, block: int) -> torch.Tensor:
-    """Which token each position may attend to: bool [G * G, 1 + (G / block)^2], raster order, "nothing yet"
-    first. Position (r, c) sees the token of block (i, j) when block row i ends above r: (i + 1) * block <= r."""
-    rows = torch.arange(grid_size).repeat_interleave(grid_size)  # row of each position
-    blocks_per_side = grid_size // block
-    token_ends = (torch.arange(blocks_per_side).repeat_interleave(blocks_per_side) + 1) * block
-    return torch.cat([torch.ones(grid_size * grid_size, 1, dtype=torch.bool),
-                      token_ends[None, :] <= rows[:, None]], dim=1)
+def allowed_tokens(height: int, width: int, block: int) -> torch.Tensor:
+    """Which token each position of a [height, width] grid (or window) may attend to: bool [H * W, 1 + (H / block)
+    * (W / block)], raster order, "nothing yet" first. Position (r, c) sees the token of block (i, j) when block
+    row i ends above r: (i + 1) * block <= r."""
+    rows = torch.arange(height).repeat_interleave(width)  # row of each position
+    token_ends = (torch.arange(height // block).repeat_interleave(width // block) + 1) * block
+    return torch.cat([torch.ones(height * width, 1, dtype=torch.bool), token_ends[None, :] <= rows[:, None]], dim=1)
 
 
 class BlockAttention(nn.Module):
@@ -43,26 +44,28 @@ class BlockAttention(nn.Module):
     def __init__(self, channels: int, grid_size: int, block: int, heads: int) -> None:
         super().__init__()
         self.block, self.heads = block, heads
-        tokens = (grid_size // block) ** 2
-        self.token_place = nn.Parameter(torch.zeros(tokens, 2 * channels))  # where each block is
+        self.blocks_per_side = grid_size // block
+        self.token_place = nn.Parameter(torch.zeros(self.blocks_per_side ** 2, 2 * channels))  # where each block is
         self.nothing_yet = nn.Parameter(torch.zeros(2 * channels))  # what row 0 (and any row) may always see
         self.key_value = nn.Linear(2 * channels, 2 * channels)
         self.query = nn.Linear(channels, channels)
         self.output = nn.Linear(channels, channels)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
-        self.register_buffer("allowed", allowed_tokens(grid_size, block), persistent=False)
+        self.register_buffer("allowed", allowed_tokens(grid_size, grid_size, block), persistent=False)
 
-    def tokens(self, features: torch.Tensor, embedded: torch.Tensor,
-               first_block_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, features: torch.Tensor, embedded: torch.Tensor, first_block_row: int,
+               first_block_column: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, heads, T, d] of the blocks in a strip of whole block rows.
 
-        features, embedded [B, C, R, G] (R a multiple of `block`) are rows first_block_row * block onwards."""
-        pooled = F.avg_pool2d(torch.cat([features, embedded], dim=1), self.block)  # [B, 2C, R/b, G/b]
+        features, embedded [B, C, R, W] (R and W multiples of `block`) are the grid's rows from first_block_row *
+        block and columns from first_block_column * block onwards."""
+        pooled = F.avg_pool2d(torch.cat([features, embedded], dim=1), self.block)  # [B, 2C, R/b, W/b]
+        block_rows, block_columns = pooled.shape[2:]
         pooled = pooled.flatten(2).transpose(1, 2)  # [B, T, 2C], raster order of blocks
-        first = first_block_row * (features.shape[3] // self.block)  # blocks per block row
-        places = self.token_place[first:first + pooled.shape[1]]
-        return self._split_heads(self.key_value(pooled + places.to(pooled.dtype)))
+        places = self.token_place.view(self.blocks_per_side, self.blocks_per_side, -1)[
+            first_block_row:first_block_row + block_rows, first_block_column:first_block_column + block_columns]
+        return self._split_heads(self.key_value(pooled + places.reshape(pooled.shape[1:]).to(pooled.dtype)))
 
     def nothing_yet_token(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, heads, 1, d] of the token every position may attend to."""
@@ -83,14 +86,18 @@ class BlockAttention(nn.Module):
         mixed = mixed.transpose(1, 2).reshape(batch, count, channels).to(dtype)
         return features + self.output(mixed)
 
-    def forward(self, features: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
-        """features, embedded [B, C, G, G] -> features with attention added, [B, C, G, G]."""
-        batch, channels, size, _ = features.shape
+    def forward(self, features: torch.Tensor, embedded: torch.Tensor,
+                first_block: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """features, embedded [B, C, H, W] (the whole grid, or a window whose first block is `first_block`, as
+        (block row, block column) of the grid) -> features with attention added, [B, C, H, W]."""
+        batch, channels, height, width = features.shape
         keys, values = (torch.cat(pair, dim=2) for pair in zip(self.nothing_yet_token(batch),
-                                                                self.tokens(features, embedded, 0), strict=True))
-        flat = features.flatten(2).transpose(1, 2)  # [B, G*G, C]
-        mixed = self.attend(flat, keys, values, self.allowed)
-        return mixed.transpose(1, 2).reshape(batch, channels, size, size)
+                                                                self.tokens(features, embedded, *first_block),
+                                                                strict=True))
+        whole = height == width == self.blocks_per_side * self.block
+        allowed = self.allowed if whole else allowed_tokens(height, width, self.block).to(features.device)
+        mixed = self.attend(features.flatten(2).transpose(1, 2), keys, values, allowed)  # [B, H*W, C]
+        return mixed.transpose(1, 2).reshape(batch, channels, height, width)
 
     def step(self, features: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """One position during sampling: features [B, C] and the keys and values of every token it may see

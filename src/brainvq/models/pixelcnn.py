@@ -52,9 +52,17 @@ plain gated PixelCNN of earlier versions (README, "Prior designs").
 All padding is explicit (`_pad_above`, `_pad_left`), so each layer's convolutions can also be evaluated on a
 window of one row or one position: that is the incremental step fast sampling (sampling.py) drives, through
 `GatedLayer.vertical_step` / `horizontal_step` and `BlockAttention.step`, with no second copy of their maths.
+
+A `windowed` prior runs on a `Window` of the grid, the box around a batch's outlines with a margin of background
+(`window_of`), in training, in the NLL and in sampling alike: everything it learns per place (location maps,
+position maps and logits, attention tokens' places) is read at the window's places, and the window's edges are
+padded as the grid's are. Outside the window sampling puts the likeliest background code of each place
+(`complete`), which the decoder turns into background as it does the training grids' own.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +85,28 @@ BACKGROUND_SHARE = 1e-4
 # Added to every count of `init_position_logits`: a code never seen at a place of a slice position (out of ~40
 # training grids there) starts ~6 nats below the commonest, unlikely but not impossible.
 POSITION_LOGIT_SMOOTHING = 0.1
+
+# Cells of background a windowed prior's window keeps around the outlines (`GatedPixelCNN.window_of`), so that the
+# codes at the brain's edge see background around them as on the whole grid: as far as the kernel reaches.
+WINDOW_MARGIN = 2
+
+
+@dataclass(frozen=True)
+class Window:
+    """The part of the code grid a network runs on: `height` rows from row `top`, `width` columns from `left`."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.top, self.top + self.height)
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.left, self.left + self.width)
 
 
 def _pad_above(x: torch.Tensor, rows: int, side: int) -> torch.Tensor:
@@ -311,6 +341,42 @@ class GatedPixelCNN(nn.Module):
             raise ConfigError("this prior draws only background codes outside the outline: it needs the outlines")
         return (context[:, None] > 0) | self.background_codes[None, :, None, None]
 
+    def window_of(self, context: torch.Tensor | None) -> Window:
+        """The window the network runs on for slices with the outlines `context` [B, G, G] int64: the whole grid,
+        unless the prior is `windowed`; then the box around every cell inside any of the outlines, WINDOW_MARGIN
+        cells wider on each side, its edges moved out onto whole attention blocks, within the grid (the whole grid
+        when every outline is empty)."""
+        size = self.config.grid_size
+        inside = context.bool().any(dim=0) if self.config.windowed and context is not None else None
+        if inside is None or not inside.any():
+            return Window(0, 0, size, size)
+        step = self.config.attention_block if self.attention else 1  # attention tokens are whole blocks
+
+        def span(occupied: torch.Tensor) -> tuple[int, int]:  # first and one-past-last index, as a window edge
+            indices = occupied.nonzero().flatten()
+            first = max(int(indices[0]) - WINDOW_MARGIN, 0) // step * step
+            end = min(-(-(int(indices[-1]) + 1 + WINDOW_MARGIN) // step) * step, size)
+            return first, end - first
+
+        (top, height), (left, width) = span(inside.any(dim=1)), span(inside.any(dim=0))
+        return Window(top, left, height, width)
+
+    def complete(self, codes: torch.Tensor, window: Window, positions: torch.Tensor | None,
+                 context: torch.Tensor | None) -> torch.Tensor:
+        """Code grids of a `window` [B, H, W] int64 -> whole grids [B, G, G]: outside the window each place gets
+        its likeliest code among those sampling may draw there (`allowed_codes`; the background's, for a windowed
+        prior, whose window holds the outlines `context`) under the output bias of the slice `positions`."""
+        size = self.config.grid_size
+        if (window.height, window.width) == (size, size):
+            return codes
+        bias = self.output_bias(positions, len(codes), context).float()
+        allowed = self.allowed_codes(context)
+        if allowed is not None:
+            bias = bias.masked_fill(~allowed, float("-inf"))
+        whole = bias.argmax(dim=1).expand(len(codes), size, size).clone()
+        whole[:, window.rows, window.columns] = codes
+        return whole
+
     def draw_outlines(self, positions: torch.Tensor | None, batch: int, generator: torch.Generator | None = None, *,
                       temperature: float = 1.0) -> torch.Tensor:
         """New outlines [B, G, G] int64 for `batch` slices at slice `positions` [B] int64 in 0..positions-1
@@ -428,24 +494,30 @@ class GatedPixelCNN(nn.Module):
         return self.first_horizontal(x_left) + link
 
     def forward(self, codes: torch.Tensor, positions: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
-        """codes [B, G, G] int64, positions [B] int64 or None, context [B, Gc, Gc] int64 (exactly when the prior
-        is configured with one; the slices' outlines [B, G, G] for a prior with `outline_modes`) -> logits
-        [B, K, G, G]."""
-        if codes.shape[-1] != self.config.grid_size or codes.shape[-2] != self.config.grid_size:
-            raise ConfigError(f"code grids are {tuple(codes.shape[-2:])}, this prior models "
-                              f"{self.config.grid_size}x{self.config.grid_size}")
+                context: torch.Tensor | None = None, window: Window | None = None) -> torch.Tensor:
+        """codes [B, G, G] int64 (or [B, H, W], those of a `window` of the grid, for a windowed prior: see
+        `window_of`), positions [B] int64 or None, context [B, Gc, Gc] int64 (exactly when the prior is
+        configured with one; the slices' whole outlines [B, G, G] for a prior with `outline_modes`) -> logits
+        [B, K, G, G] (or [B, K, H, W])."""
+        size = self.config.grid_size
+        window = window or Window(0, 0, size, size)
+        shape = (window.height, window.width)
+        if tuple(codes.shape[-2:]) != shape or max(window.rows.stop, window.columns.stop) > size:
+            part = "" if shape == (size, size) else f", here a {shape[0]}x{shape[1]} window of them"
+            raise ConfigError(f"code grids are {tuple(codes.shape[-2:])}, this prior models {size}x{size}{part}")
         self.check_context(context, codes.shape[0])
         conditioning = self.condition_vectors(positions, codes.shape[0], codes.device)
-        locations = self.location_maps(context, positions)  # [layers, (B,) 2C, G, G]
-        x = self.embed(codes, self.position_map(positions, codes.shape[0]))
+        here = (..., window.rows, window.columns)
+        locations = self.location_maps(context, positions)[here]  # [layers, (B,) 2C, H, W]
+        x = self.embed(codes, self.position_map(positions, codes.shape[0])[here])
         # The last row (column) of x is never above (left of) a position: the first layer's windows end before it.
         v, link = self.first_vertical_step(_pad_above(x, self.reach, self.reach)[:, :, :-1])
         h = self.first_horizontal_step(_pad_left(x, self.reach)[:, :, :, :-1], link)
         skip = torch.zeros_like(h)
+        first_block = (window.top // self.config.attention_block, window.left // self.config.attention_block)
         for index, (layer, vector, location) in enumerate(zip(self.layers, conditioning, locations, strict=True)):
             if str(index) in self.attention:
-                h = self.attention[str(index)](h, x)
+                h = self.attention[str(index)](h, x, first_block)
             v, h, contribution = layer(v, h, layer_bias(vector, location, v.dtype))
             skip = skip + contribution
-        return self.logits(skip, self.output_bias(positions, codes.shape[0], context))
+        return self.logits(skip, self.output_bias(positions, codes.shape[0], context)[here])

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from brainvq.codes import CodeGrids
 from brainvq.config import PixelCNNConfig
 from brainvq.distributed import process_share, world_size
-from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN
+from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN, Window
 from brainvq.runtime import autocast
 
 
@@ -32,6 +32,14 @@ def prior_inputs(batch: Sequence[torch.Tensor],
     `device`."""
     context = batch[2].to(device) if len(batch) > 2 else None
     return batch[0].to(device), batch[1].to(device), context
+
+
+def window_codes(model: GatedPixelCNN, codes: torch.Tensor,
+                 context: torch.Tensor | None) -> tuple[torch.Tensor, Window]:
+    """Code grids [B, G, G] -> those of the window `model` runs on for these slices (`GatedPixelCNN.window_of`:
+    the whole grid unless it is windowed), [B, H, W], and the window."""
+    window = model.window_of(context)
+    return codes[:, window.rows, window.columns], window
 
 
 def drop_positions(positions: torch.Tensor, share: float) -> torch.Tensor:
@@ -61,14 +69,16 @@ def new_prior(config: PixelCNNConfig, train_set: TensorDataset) -> GatedPixelCNN
 
 @torch.no_grad()
 def nll_bits_per_code(model: GatedPixelCNN, dataset: TensorDataset, *, precision: str, batch_size: int = 64) -> float:
-    """Mean negative log-likelihood of every code of `dataset` under `model`, in bits."""
+    """Mean negative log-likelihood of every code of `dataset` under `model`, in bits (of every code in the
+    windows it runs on, for a windowed prior)."""
     model.eval()
     device = next(model.parameters()).device
     total_nats, count = 0.0, 0
     for batch in DataLoader(dataset, batch_size=batch_size):
         codes, positions, context = prior_inputs(batch, device)
+        codes, window = window_codes(model, codes, context)
         with autocast(device, precision):
-            logits = model(codes, positions, context)
+            logits = model(codes, positions, context, window)
         total_nats += float(F.cross_entropy(logits.float(), codes, reduction="sum"))
         count += codes.numel()
     return total_nats / count / math.log(2)
@@ -92,7 +102,8 @@ class PriorTask:
         codes, positions, context = prior_inputs(batch, next(self.model.parameters()).device)
         if self.model.has_no_position_row:  # the unconditional model classifier-free guidance needs
             positions = drop_positions(positions, self.model.config.position_dropout)
-        nats = F.cross_entropy(self.network(codes, positions, context).float(), codes)
+        codes, window = window_codes(self.model, codes, context)
+        nats = F.cross_entropy(self.network(codes, positions, context, window).float(), codes)
         return {"loss": nats, "bits_per_code": nats / math.log(2)}
 
     def epoch_metrics(self) -> dict[str, float]:
