@@ -24,6 +24,7 @@ from brainvq.config import (
     DEMO_VQVAE_SHARE,
     OUTLINE_TEMPERATURE,
     PRIOR_OUTLINE_MODES,
+    PRIOR_WINDOWED,
     SAMPLES_EVALUATED,
     SAMPLING_GUIDANCE,
     SAMPLING_TEMPERATURE,
@@ -227,11 +228,15 @@ def slice_positions(data_dir: str | Path) -> int:
 def default_prior_config(run_dir: str | Path, data_dir: str | Path | None = None, **options: Any) -> PixelCNNConfig:
     """The prior a run gets unless told otherwise: the codebook and grid of its VQ-VAE, one slice position per
     slice index of the training data (`data_dir`, default the run's), an outline model of PRIOR_OUTLINE_MODES
-    modes, and `options` (other PixelCNNConfig fields) over PixelCNNConfig's defaults."""
+    modes, run on windows (PRIOR_WINDOWED) where its outline model keeps the background, and `options` (other
+    PixelCNNConfig fields) over PixelCNNConfig's defaults."""
     vqvae_config, _ = read_run_config(Path(run_dir))
-    return PixelCNNConfig(codebook_size=vqvae_config.codebook_size, grid_size=vqvae_config.grid_size,
-                          positions=slice_positions(_data_dir(Path(run_dir), data_dir)),
-                          **({"outline_modes": PRIOR_OUTLINE_MODES} | options))
+    config = PixelCNNConfig(codebook_size=vqvae_config.codebook_size, grid_size=vqvae_config.grid_size,
+                            positions=slice_positions(_data_dir(Path(run_dir), data_dir)),
+                            **({"outline_modes": PRIOR_OUTLINE_MODES} | options))
+    if "windowed" not in options and config.keeps_background:
+        config = dataclasses.replace(config, windowed=PRIOR_WINDOWED)
+    return config
 
 
 def _run_settings(folder: Path, model_class: type, model_config: Any, train_config: TrainConfig | None, *,

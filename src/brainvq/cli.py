@@ -236,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("--no-outline-background", action="store_true",
                        help="let sampling draw any code outside the drawn outline, not only the background's "
                             "(the design before 2026-12-02 evening)")
-    prior.add_argument("--windowed", action="store_true",
-                       help="run the network on each batch's window around its outlines instead of the whole grid: "
-                            "fewer codes a step (benchmarks/RESULTS.md, \"the prior on windows\")")
+    prior.add_argument("--windowed", action=argparse.BooleanOptionalAction,
+                       help="run the network on each batch's window around its outlines instead of the whole grid, "
+                            "fewer codes a step (default: windowed where the outline model keeps the background; "
+                            "benchmarks/RESULTS.md, \"the prior on windows\")")
     prior.set_defaults(handler=run_train_prior)
 
     sampling = commands.add_parser("sample", help="sample new brain slices: prior -> code grids -> VQ-VAE decoder "
@@ -421,11 +422,11 @@ def run_train_prior(args: argparse.Namespace) -> None:
     else:
         model_options = {"channels": args.channels, "layers": args.layers, "attention_layers": args.attention_layers,
                          "position_template": args.position_template, "position_dropout": args.position_dropout,
-                         "outline_modes": args.outline_modes}
+                         "outline_modes": args.outline_modes, "windowed": args.windowed}
         prior_config = api.default_prior_config(
             args.run, args.data, conditional=not args.unconditional, position_logits=not args.no_position_logits,
             outline_frame=not args.no_outline_frame, outline_background=not args.no_outline_background,
-            windowed=args.windowed, **{name: value for name, value in model_options.items() if value is not None})
+            **{name: value for name, value in model_options.items() if value is not None})
         results = api.train_prior(args.run, data_dir=args.data, prior_config=prior_config,
                                   train_config=TrainConfig(**given), progress=not args.quiet)
     print(json.dumps(results, indent=2))

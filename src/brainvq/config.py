@@ -192,7 +192,7 @@ class PixelCNNConfig:
     # With an outline model: the network runs on each batch's window, the box around its slices' outlines (plus
     # WINDOW_MARGIN cells, on whole attention blocks), not on the whole grid; outside it sampling puts each place's
     # likeliest background code (`GatedPixelCNN.window_of`). Fewer codes a step: at batch 2 on the demo cohort a
-    # window covers about 55% of the grid. Off by default until measured at the demo's budget; priors written
+    # window covers about 57% of the grid. Off for a bare network; a run's prior gets PRIOR_WINDOWED. Priors written
     # before it existed run on the whole grid.
     windowed: bool = field(default=False, metadata={ABSENT_MEANS: False})
 
@@ -302,6 +302,12 @@ VQVAE_MIRROR = False
 # but Fréchet distance 61.6 against 28.4 (real 23.5); each step costs ~15-20% more (benchmarks/RESULTS.md, "an
 # outline model").
 PRIOR_OUTLINE_MODES = 8
+# Whether a run's prior runs on the window around each batch's outlines where none is said and it can (an outline
+# model that keeps the background; PixelCNNConfig.windowed). On the default demo's codes, in the same 8.5 minutes,
+# it took 2,359 steps against 1,735 and left 1 malformed and 1 borderline low slice in samples_grid.png against 3
+# and 2, with a C2ST against reconstructions of 0.523 against 0.487 and a Fréchet distance of 0.92x against 0.78x
+# real's (benchmarks/RESULTS.md, "the prior on windows").
+PRIOR_WINDOWED = True
 
 
 def default_mirror(model_class: type) -> bool:
