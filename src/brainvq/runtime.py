@@ -141,12 +141,17 @@ def prepare_module(module: nn.Module, device: torch.device, precision: str) -> n
     return module.to(memory_format=torch.channels_last) if precision == "bf16" else module
 
 
-def compile_enabled(setting: str, device: torch.device) -> bool:
-    """Whether training runs its network through torch.compile: "on", "off", or "auto" = on CUDA only.
+def compile_enabled(setting: str, device: torch.device, *, static_shapes: bool = True) -> bool:
+    """Whether training runs its network through torch.compile: "on", "off", or "auto" = on CUDA only, for a
+    network whose steps all have the same shapes (`static_shapes`; "on" without them is a ConfigError).
 
     Why not on CPU by default: there it gave the VQ-VAE nothing and the prior 6% (benchmarks/RESULTS.md), for
-    3-50 s of compiling and a C++ compiler that a laptop may not have."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    3-50 s of compiling and a C++ compiler that a laptop may not have. Why not with changing shapes: a windowed
+    prior's window changes shape from batch to batch, and torch 2.13 failed to compile its dynamic shapes."""
+    if setting == "on" and not static_shapes:
+        raise ConfigError("--compile on needs a network whose steps all have the same shapes; a windowed prior's "
+                          "change from batch to batch (train it with --no-windowed to compile it)")
+    return static_shapes and (setting == "on" or (setting == "auto" and device.type == "cuda"))
 
 
 def prepare_images(images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from brainvq.checkpoint import load_checkpoint
 from brainvq.config import TrainConfig, VQVAEConfig
-from brainvq.errors import TrainingError
+from brainvq.errors import ConfigError, TrainingError
 from brainvq.models.vqvae import VQVAE
 from brainvq.run import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE
 from brainvq.runtime import compile_enabled, prepare_module, seed_everything
@@ -259,6 +259,10 @@ def test_a_read_only_output_folder_is_a_clear_error_naming_the_file(tmp_path, mo
 def test_compile_auto_means_cuda_only():
     assert not compile_enabled("auto", torch.device("cpu")) and compile_enabled("auto", torch.device("cuda"))
     assert compile_enabled("on", torch.device("cpu")) and not compile_enabled("off", torch.device("cuda"))
+    # A network whose shapes change between steps (a windowed prior) is not compiled, and refuses to be.
+    assert not compile_enabled("auto", torch.device("cuda"), static_shapes=False)
+    with pytest.raises(ConfigError, match="--no-windowed"):
+        compile_enabled("on", torch.device("cpu"), static_shapes=False)
 
 
 def test_a_compiled_network_gives_the_same_loss_and_gradients_as_the_eager_one():

@@ -64,6 +64,7 @@ class TrainingTask(Protocol):
     network: nn.Module  # what training_step runs forward: the model, or it wrapped in DDP and/or torch.compile
     selection_metric: str  # a key of validate()'s result: the best checkpoint is chosen by it
     higher_is_better: bool  # True for SSIM, False for a negative log-likelihood
+    static_shapes: bool  # whether every step's tensors have the same shapes (torch.compile needs them to)
 
     def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
         """Forward pass of one batch (under autocast); must return at least {"loss": scalar}."""
@@ -116,7 +117,7 @@ def train(task: TrainingTask, train_set: Dataset, run_dir: Path, config: TrainCo
             _write_metrics(run_dir, history)
     if processes > 1:  # DDP averages the gradients over the processes during backward
         task.network = DistributedDataParallel(task.model, device_ids=[device] if device.type == "cuda" else None)
-    if compile_enabled(config.compile, device):
+    if compile_enabled(config.compile, device, static_shapes=task.static_shapes):
         task.network = torch.compile(task.network)
     sign = 1.0 if task.higher_is_better else -1.0  # compare `sign * metric`, so that higher is always better
     best = max((sign * record["val"][task.selection_metric] for record in history), default=-math.inf)

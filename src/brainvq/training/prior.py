@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from brainvq.codes import CodeGrids
 from brainvq.config import PixelCNNConfig
-from brainvq.distributed import process_share, world_size
+from brainvq.distributed import largest_over_processes, process_share, world_size
 from brainvq.models.pixelcnn import NO_POSITION, GatedPixelCNN, Window
 from brainvq.runtime import autocast
 
@@ -36,8 +36,8 @@ def prior_inputs(batch: Sequence[torch.Tensor],
 
 def window_codes(model: GatedPixelCNN, codes: torch.Tensor,
                  context: torch.Tensor | None) -> tuple[torch.Tensor, Window]:
-    """Code grids [B, G, G] -> those of the window `model` runs on for these slices (`GatedPixelCNN.window_of`:
-    the whole grid unless it is windowed), [B, H, W], and the window."""
+    """Code grids [B, G, G] -> those of the window `model` runs on for slices with the outlines `context` [B or 1,
+    G, G] (`GatedPixelCNN.window_of`: the whole grid unless it is windowed), [B, H, W], and the window."""
     window = model.window_of(context)
     return codes[:, window.rows, window.columns], window
 
@@ -93,6 +93,7 @@ class PriorTask:
         self.network = model  # the training loop swaps in its DDP wrapper and/or torch.compile
         self.validation_set = validation_set
         self.precision = precision
+        self.static_shapes = not model.config.windowed  # a window's shape changes from batch to batch
 
     def start_epoch(self) -> None:
         pass
@@ -102,7 +103,10 @@ class PriorTask:
         codes, positions, context = prior_inputs(batch, next(self.model.parameters()).device)
         if self.model.has_no_position_row:  # the unconditional model classifier-free guidance needs
             positions = drop_positions(positions, self.model.config.position_dropout)
-        codes, window = window_codes(self.model, codes, context)
+        window_context = context
+        if self.model.config.windowed:  # the window of the whole global batch: one process and several run alike
+            window_context = largest_over_processes(context.amax(dim=0, keepdim=True))  # the outlines' union
+        codes, window = window_codes(self.model, codes, window_context)
         nats = F.cross_entropy(self.network(codes, positions, context, window).float(), codes)
         return {"loss": nats, "bits_per_code": nats / math.log(2)}
 

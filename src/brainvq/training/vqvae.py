@@ -16,6 +16,7 @@ from brainvq.reconstruction import measure_reconstructions
 class VQVAETask:
     selection_metric = "ssim"
     higher_is_better = True
+    static_shapes = True
 
     def __init__(self, model: VQVAE, validation_set: Dataset, *, precision: str, val_images: int = 256) -> None:
         self.model = model
