@@ -1,12 +1,14 @@
 """Sampling speed: naive (whole network per code) against fast (cached) sampling, batch 16, one run.
 
 The prior a run gets by default (PixelCNNConfig with the outline model of `PRIOR_OUTLINE_MODES` modes, so each
-grid is conditioned on an outline, as `brainvq sample` draws them) samples a batch of code grids both ways for
-each grid size, in fp32 as `brainvq sample` runs it. Fast sampling is timed over whole grids. Naive sampling
-costs one full forward pass per position whatever the position, so it is timed over the first
-`--naive-positions` positions and scaled to the whole grid (a full naive 64x64 batch takes the better part of an
-hour here); the scaled figure is marked as such. Both are interleaved over `--rounds` rounds and the table gives
-medians. Weights are random: speed does not depend on them. Run from the repository root:
+grid is conditioned on an outline, as `brainvq sample` draws them, and windowed as PRIOR_WINDOWED says) samples a
+batch of code grids both ways for each grid size, in fp32 as `brainvq sample` runs it. The outlines cover the
+whole grid, so a windowed prior's window is the whole grid too: the figures are those of sampling whole grids.
+Fast sampling is timed over whole grids. Naive sampling costs one full forward pass per position whatever the
+position, so it is timed over the first `--naive-positions` positions and scaled to the whole grid (a full naive
+64x64 batch takes the better part of an hour here); the scaled figure is marked as such. Both are interleaved
+over `--rounds` rounds and the table gives medians. Weights are random: speed does not depend on them. Run from
+the repository root:
 
     python benchmarks/sampling.py [--grid-sizes 32 64] [--batch-size 16] [--naive-positions 16] [--rounds 3]
                                   [--quick] [--json PATH]
@@ -30,11 +32,11 @@ from common import (
     write_json,
 )
 
-from brainvq.config import PRIOR_OUTLINE_MODES
+from brainvq.config import PRIOR_OUTLINE_MODES, PRIOR_WINDOWED
 from brainvq.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.sampling import choose_codes, draw_uniforms, sample_fast
 
-DEFAULT_PRIOR = PixelCNNConfig(outline_modes=PRIOR_OUTLINE_MODES)  # what api.default_prior_config gives a run
+DEFAULT_PRIOR = PixelCNNConfig(outline_modes=PRIOR_OUTLINE_MODES, windowed=PRIOR_WINDOWED)  # a run's default prior
 
 
 def default_prior(grid_size: int) -> GatedPixelCNN:
